@@ -1,0 +1,55 @@
+"""Immutable snapshots: what exporters, reports and the CLI read (never the live engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigError
+from .stats import LayerStats
+from .wiring import Wiring, active_parameter_counts
+
+__all__ = ["Snapshot", "WindowName", "WINDOWS"]
+
+WindowName = Literal["current", "last", "lifetime"]
+WINDOWS: tuple[str, ...] = ("current", "last", "lifetime")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The engine's state at one moment: every layer judged over each window.
+
+    ``windows["current"]`` is the window still filling, ``windows["last"]`` the last complete
+    one (empty before the first ``rollover()``), ``windows["lifetime"]`` everything since start.
+    Safe to hand to another thread: nothing in it changes or refers back to the engine.
+    """
+
+    model: str
+    step: int
+    taken_at: float
+    windows_completed: int
+    windows: Mapping[str, Mapping[str, LayerStats]]
+    wiring: Mapping[str, Wiring]
+    errors: Mapping[str, int]
+
+    def resolve_window(self, window: str = "auto") -> str:
+        """``auto`` means the last complete window if there is one, else the lifetime totals."""
+        if window == "auto":
+            return "last" if self.windows_completed else "lifetime"
+        if window not in WINDOWS:
+            raise ConfigError(f"window must be 'auto' or one of {WINDOWS}, got {window!r}")
+        return window
+
+    def layers(self, window: str = "auto") -> Mapping[str, LayerStats]:
+        return self.windows[self.resolve_window(window)]
+
+    def active_parameter_ratio(self, window: str = "auto") -> float | None:
+        """Parameters not attached to a dead neuron over all parameters wired to monitored
+        layers; ``None`` when no wiring is known."""
+        if not self.wiring:
+            return None
+        layers = self.layers(window)
+        dead = {name: stats.dead for name, stats in layers.items()}
+        active, total = active_parameter_counts(self.wiring, dead)
+        return active / total if total else None

@@ -1,0 +1,129 @@
+"""Derived per-neuron statistics of one layer over one window (DESIGN §2).
+
+Everything here is a pure function of ``(LayerConfig, Partials)``: the same partials always give
+the same verdicts, which is what lets reports be reloaded, merged and re-judged exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .config import LayerConfig
+from .partials import Partials
+
+__all__ = ["LayerStats", "summarize", "FREQUENCY_EDGES"]
+
+# Firing-frequency distribution: one bin for "never fired", then (0, 1e-3], (1e-3, 1e-2], ...
+FREQUENCY_EDGES: tuple[float, ...] = (0.0, 1e-3, 1e-2, 5e-2, 0.25, 0.5, 0.75, 1.0)
+
+
+def _readonly(array: NDArray[np.generic]) -> NDArray[np.generic]:
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStats:
+    """Verdicts and per-neuron arrays of one layer over one window. Arrays are read-only.
+
+    ``known`` is per neuron: the neuron's finite rows reached ``min_rows``. Unknown neurons are
+    never dead, asleep, active, dormant or saturated.
+    """
+
+    config: LayerConfig
+    partials: Partials
+    finite_rows: NDArray[np.int64]
+    frequency: NDArray[np.float64]
+    mean_abs: NDArray[np.float64]
+    dormancy: NDArray[np.float64]
+    known: NDArray[np.bool_]
+    dead: NDArray[np.bool_]
+    asleep: NDArray[np.bool_]
+    active: NDArray[np.bool_]
+    dormant: NDArray[np.bool_]
+    saturated: NDArray[np.bool_]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def neurons(self) -> int:
+        return self.partials.neurons
+
+    @property
+    def rows(self) -> int:
+        return self.partials.rows
+
+    @property
+    def complete(self) -> bool:
+        """Every neuron is known: the window reached ``min_rows`` finite rows everywhere."""
+        return bool(self.known.all())
+
+    def count(self, state: str) -> int:
+        """Number of neurons in ``state`` (dead, asleep, active, dormant, saturated, known)."""
+        return int(getattr(self, state).sum())
+
+    def ratio(self, state: str) -> float:
+        return self.count(state) / self.neurons if self.neurons else 0.0
+
+    @property
+    def dead_indices(self) -> NDArray[np.intp]:
+        return np.flatnonzero(self.dead)
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.partials.sum / self.finite_rows
+
+    def frequency_distribution(self) -> NDArray[np.int64]:
+        """Counts of known neurons per firing-frequency bin: bin 0 holds the neurons that never
+        fired, bin j the ones with frequency in ``(FREQUENCY_EDGES[j-1], FREQUENCY_EDGES[j]]``."""
+        f = self.frequency[self.known]
+        edges = FREQUENCY_EDGES
+        counts = [np.count_nonzero(f == 0.0)] + [
+            np.count_nonzero((f > lo) & (f <= hi)) for lo, hi in zip(edges, edges[1:], strict=False)
+        ]
+        return np.asarray(counts, dtype=np.int64)
+
+
+def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
+    """Judge every neuron of one layer from its partials."""
+    finite_rows = partials.rows - partials.nonfinite
+    has_rows = finite_rows > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frequency = np.where(has_rows, partials.fired / np.maximum(finite_rows, 1), np.nan)
+        mean_abs = np.where(has_rows, partials.abs_sum / np.maximum(finite_rows, 1), 0.0)
+    known = finite_rows >= config.min_rows
+    # ReDo score: a neuron's mean |a| over the layer's average mean |a|.
+    layer_mean = float(mean_abs[has_rows].mean()) if has_rows.any() else 0.0
+    dormancy = mean_abs / layer_mean if layer_mean > 0 else np.zeros_like(mean_abs)
+    dead = known & (partials.fired == 0)
+    asleep = known & ~dead & (frequency < config.asleep_below)
+    active = known & ~dead & ~asleep
+    dormant = known & (dormancy <= config.tau)
+    if config.saturates:
+        saturated = known & (partials.saturated == finite_rows)
+    else:
+        saturated = np.zeros_like(known)
+    return LayerStats(
+        config=config,
+        partials=partials,
+        finite_rows=_readonly(np.asarray(finite_rows, dtype=np.int64)),
+        frequency=_readonly(frequency),
+        mean_abs=_readonly(mean_abs),
+        dormancy=_readonly(dormancy),
+        known=_readonly(known),
+        dead=_readonly(dead),
+        asleep=_readonly(asleep),
+        active=_readonly(active),
+        dormant=_readonly(dormant),
+        saturated=_readonly(saturated),
+    )
