@@ -30,7 +30,7 @@ from neuronwatch.snapshot import Snapshot
 from .torch_reduce import LayerAccumulator
 from .torch_wiring import WiringTracer, feature_axis_of
 
-__all__ = ["TorchMonitor", "watch", "find_activations"]
+__all__ = ["TorchMonitor", "find_activations", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ class TorchMonitor:
 
         return hook
 
-    def _observe(self, probe: _Probe, x: torch.Tensor | None, act_input: torch.Tensor | None) -> None:
+    def _observe(
+        self, probe: _Probe, x: torch.Tensor | None, act_input: torch.Tensor | None
+    ) -> None:
         try:
             if x is None:
                 raise TypeError(f"layer {probe.layer!r} produced no tensor to watch")
@@ -328,8 +330,11 @@ def watch(
     - ``compile``: fuse the reductions with ``torch.compile``, falling back to eager ops if the
       compiler is unavailable. ``strict=True`` raises hook failures instead of counting them.
     """
-    for arg, value in (("every", every), ("flush_every", flush_every),
-                       ("histogram_every", histogram_every)):
+    for arg, value in (
+        ("every", every),
+        ("flush_every", flush_every),
+        ("histogram_every", histogram_every),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{arg} must be a positive integer, got {value!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
@@ -342,7 +347,7 @@ def watch(
     for module_name in selected:
         module = modules[module_name]
         activation = type(module).__name__
-        kinds = [("post", module_name, activation)]
+        kinds: list[tuple[str, str, str | None]] = [("post", module_name, activation)]
         if pre:
             kinds.append(("pre", f"{module_name}:pre", None))
         for kind, layer, act in kinds:

@@ -18,7 +18,7 @@ import torch
 from neuronwatch.config import LayerConfig
 from neuronwatch.partials import Partials
 
-__all__ = ["LayerAccumulator", "reduce_eager", "histogram_eager"]
+__all__ = ["LayerAccumulator", "histogram_eager", "reduce_eager"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ def reduce_eager(
     return fired, saturated, nonfinite, abs_sum, total, high_water, low_water
 
 
-def histogram_compiled_form(x: torch.Tensor, above: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+def histogram_compiled_form(
+    x: torch.Tensor, above: torch.Tensor, edges: torch.Tensor
+) -> torch.Tensor:
     """``above[j]`` += number of finite values ``> edges[j]`` (``edges[0]`` is ``-inf``).
 
     Written as comparisons so inductor fuses it into one reduction; bin counts are differences
@@ -156,8 +158,9 @@ class LayerAccumulator:
                 raise
             # A compiler failure (no C compiler, unsupported platform or op) is not the user's
             # problem: log once, switch this layer to the eager reductions and redo the call.
-            log.warning("layer %r: torch.compile failed, using eager reductions: %r",
-                        self.config.name, exc)
+            log.warning(
+                "layer %r: torch.compile failed, using eager reductions: %r", self.config.name, exc
+            )
             self.compile = False
             buffers = reduce_eager(x, self._buffers, threshold, low, high, dims)
             above = histogram_eager(x, self._above, edges) if with_histogram else self._above

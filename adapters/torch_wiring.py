@@ -17,7 +17,7 @@ from torch import nn
 
 from neuronwatch.wiring import ParamRef, Wiring
 
-__all__ = ["WiringTracer", "feature_axis_of", "producer_params", "consumer_params"]
+__all__ = ["WiringTracer", "consumer_params", "feature_axis_of", "producer_params"]
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
@@ -51,7 +51,7 @@ def _params(prefix: str, module: nn.Module, axes: dict[str, int]) -> list[ParamR
 def producer_params(name: str, module: nn.Module) -> list[ParamRef] | None:
     """Parameters of ``module`` indexed by the neurons it outputs; ``None`` if it is not a
     neuron-producing layer."""
-    if isinstance(module, nn.Linear) or isinstance(module, _CONV):
+    if isinstance(module, (nn.Linear, *_CONV)):
         return _params(name, module, {"weight": 0, "bias": 0})
     if isinstance(module, _CONV_T):
         return _params(name, module, {"weight": 1, "bias": 0}) if module.groups == 1 else []
@@ -134,7 +134,9 @@ class WiringTracer:
             outputs = _tensors([output])
             self._keep.extend(inputs + outputs)
             self.calls.append(
-                _Call(len(self.calls), name, module, [id(t) for t in inputs], [id(t) for t in outputs])
+                _Call(
+                    len(self.calls), name, module, [id(t) for t in inputs], [id(t) for t in outputs]
+                )
             )
 
         return record
@@ -154,7 +156,8 @@ class WiringTracer:
         exclude = activation
         while current is not None:
             found = next(
-                (c for c in reversed(self.calls) if c.name != exclude and current in c.outputs), None
+                (c for c in reversed(self.calls) if c.name != exclude and current in c.outputs),
+                None,
             )
             if found is None:
                 break

@@ -26,10 +26,11 @@ from .stats import LayerStats
 from .wiring import ParamRef, Wiring
 
 if TYPE_CHECKING:
-    from neuronwatch.adapters.torch import TorchMonitor
+    # adapters/ installs as neuronwatch.adapters through setuptools' package-dir, which mypy
+    # cannot follow from the source tree.
+    from neuronwatch.adapters.torch import TorchMonitor  # type: ignore[import-not-found]
 
 __all__ = [
-    "__version__",
     "ConfigError",
     "Engine",
     "Family",
@@ -45,6 +46,7 @@ __all__ = [
     "ShapeError",
     "Snapshot",
     "Wiring",
+    "__version__",
     "family_of",
     "watch",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from .errors import ConfigError
 from .families import family_of
 from .partials import DEFAULT_HISTOGRAM_EDGES
 
-__all__ = ["LayerConfig", "Kind", "DEFAULT_MIN_ROWS", "DEFAULT_ASLEEP_BELOW", "DEFAULT_TAU"]
+__all__ = ["DEFAULT_ASLEEP_BELOW", "DEFAULT_MIN_ROWS", "DEFAULT_TAU", "Kind", "LayerConfig"]
 
 Kind = Literal["post", "pre", "attn"]
 KINDS: tuple[str, ...] = ("post", "pre", "attn")
@@ -60,8 +61,10 @@ class LayerConfig:
                 f"saturation_high {self.saturation_high}"
             )
         edges = self.histogram_edges
-        if len(edges) < 1 or any(not math.isfinite(e) for e in edges) or any(
-            b <= a for a, b in zip(edges, edges[1:], strict=False)
+        if (
+            len(edges) < 1
+            or any(not math.isfinite(e) for e in edges)
+            or any(b <= a for a, b in itertools.pairwise(edges))
         ):
             raise ConfigError(
                 f"{where}: histogram_edges must be finite and strictly increasing, got {edges}"

@@ -146,7 +146,8 @@ class Engine:
         """Close the current window: it becomes the last complete one and a new one starts."""
         with self._lock:
             self._last = {
-                name: self._current.get(name) or Partials.empty(
+                name: self._current.get(name)
+                or Partials.empty(
                     self._lifetime[name].neurons, histogram_bins(config.histogram_edges)
                 )
                 for name, config in self._configs.items()
@@ -197,11 +198,12 @@ class Engine:
                 for name, config in engine._configs.items():
                     known = result._configs.setdefault(name, config)
                     if known != config:
-                        raise MergeError(f"layer {name!r} has different settings in the two engines")
+                        raise MergeError(
+                            f"layer {name!r} has different settings in the two engines"
+                        )
                     wiring = engine._wiring.get(name)
-                    if wiring is not None:
-                        if result._wiring.setdefault(name, wiring) != wiring:
-                            raise MergeError(f"layer {name!r} has different wiring in the two engines")
+                    if wiring is not None and result._wiring.setdefault(name, wiring) != wiring:
+                        raise MergeError(f"layer {name!r} has different wiring in the two engines")
                 for target, source in (
                     (result._current, engine._current),
                     (result._last, engine._last),
@@ -212,7 +214,7 @@ class Engine:
                 for name, count in engine._errors.items():
                     result._errors[name] = result._errors.get(name, 0) + count
                 result._step = max(result._step, engine._step)
-                result._windows_completed = max(result._windows_completed, engine._windows_completed)
+                result._windows_completed = max(
+                    result._windows_completed, engine._windows_completed
+                )
         return result
-
-

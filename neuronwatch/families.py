@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Family", "FAMILIES", "family_of", "ACTIVATION_CLASSES"]
+__all__ = ["ACTIVATION_CLASSES", "FAMILIES", "Family", "family_of"]
 
 
 @dataclass(frozen=True)

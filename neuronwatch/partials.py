@@ -10,16 +10,16 @@ rounding).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .errors import MergeError, ShapeError
 
-__all__ = ["Partials", "FIELD_RULES", "DEFAULT_HISTOGRAM_EDGES", "histogram_bins"]
+__all__ = ["DEFAULT_HISTOGRAM_EDGES", "FIELD_RULES", "Partials", "histogram_bins"]
 
 MergeRule = Literal["sum", "max", "min"]
 
@@ -84,6 +84,11 @@ class Partials:
         if self.rows < 0:
             raise ShapeError(f"partials rows must be >= 0, got {self.rows}")
 
+    @classmethod
+    def _of(cls, rows: int, arrays: Mapping[str, NDArray[Any]]) -> Partials:
+        # Names and shapes are checked in __post_init__; callers cast dtypes per FIELD_RULES.
+        return cls(rows=rows, **arrays)
+
     @property
     def neurons(self) -> int:
         return int(self.fired.shape[0])
@@ -94,7 +99,7 @@ class Partials:
             name: np.full(bins if name == "histogram" else neurons, identity, dtype=dtype)
             for name, (_, dtype, identity) in FIELD_RULES.items()
         }
-        return cls(rows=0, **arrays)
+        return cls._of(0, arrays)
 
     @classmethod
     def from_arrays(cls, rows: int, **arrays: NDArray[np.generic]) -> Partials:
@@ -107,7 +112,7 @@ class Partials:
             name: np.asarray(arrays[name], dtype=FIELD_RULES[name][1]).reshape(-1)
             for name in FIELD_RULES
         }
-        return cls(rows=int(rows), **cast)
+        return cls._of(int(rows), cast)
 
     def arrays(self) -> Iterator[tuple[str, NDArray[np.generic]]]:
         for f in fields(self):
@@ -128,14 +133,14 @@ class Partials:
             name: _MERGE[FIELD_RULES[name][0]](mine, getattr(other, name))
             for name, mine in self.arrays()
         }
-        return Partials(rows=self.rows + other.rows, **merged)
+        return Partials._of(self.rows + other.rows, merged)
 
     def copy(self, readonly: bool = False) -> Partials:
         copied = {name: array.copy() for name, array in self.arrays()}
         if readonly:
             for array in copied.values():
                 array.flags.writeable = False
-        return Partials(rows=self.rows, **copied)
+        return Partials._of(self.rows, copied)
 
     def equals(self, other: Partials) -> bool:
         """Exact equality of every field (NaN never occurs: non-finite values are excluded)."""

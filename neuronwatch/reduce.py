@@ -26,8 +26,12 @@ def as_rows(array: ArrayLike, feature_axis: int, layer: str) -> NDArray[np.float
             f"layer {layer!r}: feature_axis={feature_axis} is out of range for an array of "
             f"shape {values.shape}; pass the axis that holds the neurons (channels for conv maps)"
         )
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ShapeError(f"layer {layer!r}: expected a real numeric array, got dtype {values.dtype}")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(
+        values.dtype, np.complexfloating
+    ):
+        raise ShapeError(
+            f"layer {layer!r}: expected a real numeric array, got dtype {values.dtype}"
+        )
     values = np.moveaxis(values, feature_axis, -1)
     return values.reshape(-1, values.shape[-1]).astype(np.float64, copy=False)
 

@@ -23,14 +23,22 @@ from .snapshot import Snapshot
 from .stats import FREQUENCY_EDGES, LayerStats, summarize
 from .wiring import Wiring, active_parameter_counts
 
-__all__ = ["Report", "SCHEMA_VERSION", "STATES"]
+__all__ = ["SCHEMA_VERSION", "STATES", "Report"]
 
 SCHEMA_VERSION = 1
 STATES: tuple[str, ...] = ("dead", "asleep", "active", "dormant", "saturated")
 JSON_NAME = "report.json"
 NPZ_NAME = "report.npz"
 # Derived per-neuron arrays saved beside the partials for users who read the npz directly.
-_DERIVED = ("frequency", "mean_abs", "dormancy", "known", *STATES)
+# State masks are named "is_<state>" so that "saturated" (a mask) never collides with the
+# partials field "saturated" (a count).
+_DERIVED = {
+    "frequency": "frequency",
+    "mean_abs": "mean_abs",
+    "dormancy": "dormancy",
+    "known": "is_known",
+    **{state: f"is_{state}" for state in STATES},
+}
 
 
 @dataclass(frozen=True)
@@ -143,11 +151,11 @@ class Report:
             arrays[f"{name}/rows"] = np.asarray(stats.rows, dtype=np.int64)
             for key, array in stats.partials.arrays():
                 arrays[f"{name}/{key}"] = array
-            for key in _DERIVED:
-                arrays[f"{name}/{key}"] = getattr(stats, key)
+            for attribute, key in _DERIVED.items():
+                arrays[f"{name}/{key}"] = getattr(stats, attribute)
 
         def write_npz(handle: IO[bytes]) -> None:
-            np.savez_compressed(handle, **arrays)
+            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy stub quirk
 
         write_with(out / NPZ_NAME, write_npz)
         write_text_atomic(out / JSON_NAME, json.dumps(self.summary(), indent=2) + "\n")

@@ -10,7 +10,7 @@ from .errors import ConfigError
 from .stats import LayerStats
 from .wiring import Wiring, active_parameter_counts
 
-__all__ = ["Snapshot", "WindowName", "WINDOWS"]
+__all__ = ["WINDOWS", "Snapshot", "WindowName"]
 
 WindowName = Literal["current", "last", "lifetime"]
 WINDOWS: tuple[str, ...] = ("current", "last", "lifetime")

@@ -6,7 +6,9 @@ the same verdicts, which is what lets reports be reloaded, merged and re-judged 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -14,13 +16,16 @@ from numpy.typing import NDArray
 from .config import LayerConfig
 from .partials import Partials
 
-__all__ = ["LayerStats", "summarize", "FREQUENCY_EDGES"]
+__all__ = ["FREQUENCY_EDGES", "LayerStats", "summarize"]
 
 # Firing-frequency distribution: one bin for "never fired", then (0, 1e-3], (1e-3, 1e-2], ...
 FREQUENCY_EDGES: tuple[float, ...] = (0.0, 1e-3, 1e-2, 5e-2, 0.25, 0.5, 0.75, 1.0)
 
 
-def _readonly(array: NDArray[np.generic]) -> NDArray[np.generic]:
+_Array = TypeVar("_Array", bound=np.ndarray)
+
+
+def _readonly(array: _Array) -> _Array:
     array.flags.writeable = False
     return array
 
@@ -89,7 +94,7 @@ class LayerStats:
         f = self.frequency[self.known]
         edges = FREQUENCY_EDGES
         counts = [np.count_nonzero(f == 0.0)] + [
-            np.count_nonzero((f > lo) & (f <= hi)) for lo, hi in zip(edges, edges[1:], strict=False)
+            np.count_nonzero((f > lo) & (f <= hi)) for lo, hi in itertools.pairwise(edges)
         ]
         return np.asarray(counts, dtype=np.int64)
 

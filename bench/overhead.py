@@ -1,0 +1,227 @@
+"""Training-step overhead of neuronwatch on a small GPT-2-like model (CPU), measured in one run.
+
+Every variant trains its own copy of the same model (same initial weights, same batches, its own
+AdamW). Steps are interleaved: each round runs one step of every variant in a rotated order, and
+each variant's step time is divided by the plain step of the same round, so machine drift hits
+numerator and denominator alike. Printed: the median ratio and its IQR over the rounds, plus the
+ratio of summed times ("amortized"), which also charges the rare steps that carry the histogram
+(one watched forward in ``histogram_every``) or the flush (``monitor.step()`` every
+``flush_every``). No assertion on timings: this script prints (DESIGN §6).
+
+Variants:
+  plain        no hooks
+  ours         neuronwatch.watch(model, layers=<4 MLP GELUs>, every=1, compile=True)
+  ours-eager   the same with compile=False (the eager fallback)
+  eager-ref    a straightforward eager hook: fired count, sum|a|, sum, max, min + isfinite
+               (the "1.15-1.18x" reference of DESIGN §7)
+  naive        ``(out > 0)`` any over batch and sequence, OR-ed into a per-neuron bool buffer
+
+Usage: .venv/bin/python bench/overhead.py [--rounds 40] [--warmup 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuronwatch
+
+# GPT-2's 50257-token vocabulary would put ~80 % of this small model's FLOPs into the LM head and
+# embedding and dilute every activation-side cost; 8192 keeps the head at about the cost of the
+# four blocks, like a GPT-2-small-shaped model, and puts the straightforward eager hook where
+# DESIGN §7 measured it (1.15-1.18x). Override with --vocab.
+VOCAB = 8192
+D_MODEL, HEADS, D_MLP, BLOCKS = 256, 4, 1024, 4
+BATCH, SEQ = 8, 128
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(D_MODEL)
+        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+        self.proj = nn.Linear(D_MODEL, D_MODEL)
+        self.ln2 = nn.LayerNorm(D_MODEL)
+        self.mlp = nn.Sequential()
+        self.mlp.fc = nn.Linear(D_MODEL, D_MLP)
+        self.mlp.act = nn.GELU()
+        self.mlp.out = nn.Linear(D_MLP, D_MODEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, d // HEADS).unbind(2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, D_MODEL)
+        self.pos = nn.Embedding(SEQ, D_MODEL)
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.ln_f = nn.LayerNorm(D_MODEL)
+        self.head = nn.Linear(D_MODEL, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied, as in GPT-2
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+MLP_ACTS = [f"blocks.{i}.mlp.act" for i in range(BLOCKS)]
+
+
+def naive_probe(model: nn.Module) -> Callable[[], None]:
+    """Per-neuron "ever fired" bits, OR-ed per batch: the minimal dead-neuron detector."""
+    seen = {name: torch.zeros(D_MLP, dtype=torch.bool) for name in MLP_ACTS}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            with torch.no_grad():
+                seen[name] |= (out > 0).flatten(0, -2).any(0)
+
+        return hook
+
+    modules = dict(model.named_modules())
+    for name in MLP_ACTS:
+        modules[name].register_forward_hook(hook_for(name))
+    return lambda: None
+
+
+def eager_reference(model: nn.Module) -> Callable[[], None]:
+    """The straightforward eager hook of DESIGN §7: one separate reduction per statistic."""
+    state = {
+        name: [torch.zeros(D_MLP, dtype=torch.int64), torch.zeros(D_MLP, dtype=torch.int64),
+               torch.zeros(D_MLP, dtype=torch.float64), torch.zeros(D_MLP, dtype=torch.float64),
+               torch.full((D_MLP,), float("-inf")), torch.full((D_MLP,), float("inf"))]
+        for name in MLP_ACTS
+    }  # fmt: skip
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            s = state[name]
+            with torch.no_grad():
+                a = out.detach().flatten(0, -2)
+                s[0] += (a > 0).sum(0)
+                s[1] += (~torch.isfinite(a)).sum(0)
+                s[2] += a.abs().sum(0)
+                s[3] += a.sum(0)
+                torch.maximum(s[4], a.amax(0), out=s[4])
+                torch.minimum(s[5], a.amin(0), out=s[5])
+
+        return hook
+
+    modules = dict(model.named_modules())
+    for name in MLP_ACTS:
+        modules[name].register_forward_hook(hook_for(name))
+    return lambda: None
+
+
+def ours(compile: bool) -> Callable[[nn.Module], Callable[[], None]]:
+    def attach(model: nn.Module) -> Callable[[], None]:
+        monitor = neuronwatch.watch(model, layers=MLP_ACTS, every=1, compile=compile)
+        return monitor.step
+
+    return attach
+
+
+VARIANTS: dict[str, Callable[[nn.Module], Callable[[], None]] | None] = {
+    "plain": None,
+    "ours": ours(compile=True),
+    "ours-eager": ours(compile=False),
+    "eager-ref": eager_reference,
+    "naive": naive_probe,
+}
+
+
+class Runner:
+    def __init__(self, base: nn.Module, attach: Callable[[nn.Module], Callable[[], None]] | None):
+        self.model = copy.deepcopy(base)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4)
+        self.after_step = attach(self.model) if attach else (lambda: None)
+
+    def step(self, idx: torch.Tensor, target: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(idx)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss.backward()
+        self.opt.step()
+        self.after_step()
+        return time.perf_counter() - start
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40, help="measured rounds (default 40)")
+    parser.add_argument("--warmup", type=int, default=12,
+                        help="unmeasured rounds first: compile, histogram and flush paths")
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="subset of variants (plain always)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = TinyGPT(args.vocab)
+    names = [n for n in VARIANTS if n == "plain" or args.only is None or n in args.only]
+    runners = {name: Runner(base, VARIANTS[name]) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    begin = time.perf_counter()
+    for r in range(args.warmup + args.rounds):
+        idx = torch.randint(0, args.vocab, (BATCH, SEQ + 1))
+        inputs, target = idx[:, :-1], idx[:, 1:]
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = runners[name].step(inputs, target)
+            if r >= args.warmup:
+                times[name].append(elapsed)
+        if r + 1 == args.warmup:
+            print(f"warm-up done ({args.warmup} rounds, {time.perf_counter() - begin:.1f} s)")
+    total = time.perf_counter() - begin
+
+    plain = times["plain"]
+    params = sum(p.numel() for p in base.parameters())
+    print(f"\nGPT-2-like: {BLOCKS} blocks, d_model {D_MODEL}, {HEADS} heads, MLP {D_MLP} GELU, "
+          f"vocab {args.vocab} (tied head), {params / 1e6:.1f}M params; batch {BATCH}x{SEQ}, "
+          f"AdamW, {args.threads} threads")
+    print(f"{args.rounds} interleaved rounds (+{args.warmup} warm-up), {total:.0f} s; "
+          f"plain step median {statistics.median(plain) * 1e3:.1f} ms\n")
+    print(f"{'variant':<11} {'median':>8} {'IQR':>15} {'amortized':>10} {'step ms':>8}")
+    medians: dict[str, float] = {}
+    for name in names:
+        ratios = [t / p for t, p in zip(times[name], plain, strict=True)]
+        q1, q2, q3 = quartiles(ratios)
+        medians[name] = q2
+        amortized = sum(times[name]) / sum(plain)
+        print(f"{name:<11} {q2:>7.3f}x {f'{q1:.3f}-{q3:.3f}':>15} {amortized:>9.3f}x "
+              f"{statistics.median(times[name]) * 1e3:>8.1f}")
+    print("\n(amortized = sum of the variant's step times / sum of plain step times)")
+    if "ours" in medians:
+        extra = "".join(f", {n} {medians[n]:.2f}x" for n in ("naive", "eager-ref") if n in medians)
+        print(f"ours/plain median {medians['ours']:.2f}x (target <= 1.03){extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The public surface is under test: every exported name imports, and the core stays
+framework-free (DESIGN rule 1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import neuronwatch
+
+FRAMEWORKS = ("torch", "onnx", "onnxruntime", "prometheus_client", "opentelemetry", "sklearn")
+
+
+def test_every_public_name_exists() -> None:
+    for name in neuronwatch.__all__:
+        assert getattr(neuronwatch, name) is not None, name
+
+
+def test_importing_the_core_loads_no_framework() -> None:
+    code = (
+        "import sys, neuronwatch, neuronwatch.cli, neuronwatch.report, neuronwatch.engine\n"
+        "e = neuronwatch.Engine('m', min_rows=1); e.observe('a', [[1.0, 0.0]]); e.snapshot()\n"
+        f"print(' '.join(m for m in {FRAMEWORKS!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the core imported: {out.stdout.strip()}"
+
+
+def test_watch_loads_torch_lazily() -> None:
+    code = (
+        "import sys, neuronwatch\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())\n"
+        "m = neuronwatch.watch(model, compile=False)\n"
+        "print(type(m).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "TorchMonitor"
