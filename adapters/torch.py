@@ -178,6 +178,7 @@ class TorchMonitor:
             self._watched_forwards += 1
             if not self._traced:
                 self._tracer.clear()  # a previous traced pass may have died mid-forward
+                self._pending_wiring.clear()
                 self._tracer.start()
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -218,8 +219,15 @@ class TorchMonitor:
                 raise TypeError(f"layer {probe.layer!r} produced no tensor to watch")
             if probe.accumulator is None:
                 probe.accumulator = self._start_layer(probe, act_input)
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                histogram = (self._watched_forwards - 1) % self.histogram_every == 0
+            if self._tracer.active and act_input is not None:
+                # Recorded on every traced pass, so a first pass that died mid-forward is redone.
+                self._pending_wiring.setdefault(
+                    probe.layer, (probe.module_name, act_input, probe.accumulator.feature_axis)
+                )
+            histogram = (self._watched_forwards - 1) % self.histogram_every == 0
+            # The lock only matters if someone flushes from another thread; uncontended it
+            # costs a fraction of a microsecond.
+            with self._flush_lock, torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 probe.accumulator.add(x, histogram)
         except Exception as exc:
             self._hook_failed(probe, exc)
@@ -238,8 +246,6 @@ class TorchMonitor:
                 probe.layer,
             )
             axis = -1
-        if self._tracer.active and act_input is not None:
-            self._pending_wiring[probe.layer] = (probe.module_name, act_input, axis)
         return LayerAccumulator(probe.config, axis, self.compile)
 
     def _hook_failed(self, probe: _Probe, exc: Exception) -> None:
