@@ -12,7 +12,8 @@ import difflib
 import fnmatch
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -123,6 +124,7 @@ class TorchMonitor:
         self._forwards = 0
         self._watched_forwards = 0
         self._watching = False
+        self._paused = False
         self._steps = 0
         self._flush_lock = threading.Lock()
         self._latest: Snapshot | None = None
@@ -171,7 +173,20 @@ class TorchMonitor:
 
     # -- hooks (hot path) -----------------------------------------------------------------------
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop watching inside the block, e.g. for an evaluation pass whose rows must not
+        enter the training window. Forwards inside the block do not count for ``every``."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
     def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if self._paused:
+            self._watching = False
+            return
         self._forwards += 1
         self._watching = (self._forwards - 1) % self.every == 0
         if self._watching:

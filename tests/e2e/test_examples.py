@@ -13,7 +13,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def run(script: str, cwd: Path) -> str:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(EXAMPLES / script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -179,3 +179,15 @@ def test_every_k_still_finds_wiring_and_dead_neurons() -> None:
     assert snapshot.layers("lifetime")["act"].rows == 300
     assert snapshot.layers("lifetime")["act"].dead_indices.tolist() == [3]
     assert snapshot.wiring["act"].producer == "fc"
+
+
+def test_paused_block_adds_no_rows_and_does_not_count_for_every() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+    with neuronwatch.watch(model, every=2, compile=False, min_rows=1) as monitor:
+        model(torch.randn(3, 4))  # forward 1: watched
+        with monitor.paused():
+            model(torch.randn(50, 4))
+            model(torch.randn(50, 4))
+        model(torch.randn(5, 4))  # forward 2: skipped by every=2
+        model(torch.randn(7, 4))  # forward 3: watched
+        assert monitor.snapshot().layers("current")["1"].rows == 3 + 7
