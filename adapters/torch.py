@@ -151,7 +151,7 @@ class TorchMonitor:
     @property
     def hooks(self) -> int:
         """Number of hooks this monitor still holds on the model."""
-        return len(self._handles) + len(self._tracer._handles)
+        return len(self._handles) + self._tracer.hooks
 
     def close(self) -> None:
         """Remove every hook (idempotent). Data already collected stays readable."""

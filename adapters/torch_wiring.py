@@ -108,6 +108,10 @@ class WiringTracer:
     def active(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def hooks(self) -> int:
+        return len(self._handles)
+
     def start(self) -> None:
         self.stop()
         try:

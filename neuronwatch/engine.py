@@ -132,9 +132,13 @@ class Engine:
                     f"layer {layer!r} has {current.neurons} neurons but got {partials.neurons}; "
                     "is feature_axis right?"
                 )
-            empty = Partials.empty(partials.neurons, bins)
-            self._current[layer] = (current or empty).merged(partials)
-            self._lifetime[layer] = self._lifetime.get(layer, empty).merged(partials)
+            lifetime = self._lifetime.get(layer)
+            # The engine never mutates partials in place (merges make new arrays); the copy keeps
+            # a caller who reuses its arrays from changing what the engine holds.
+            self._current[layer] = partials.copy() if current is None else current.merged(partials)
+            self._lifetime[layer] = (
+                partials.copy() if lifetime is None else lifetime.merged(partials)
+            )
 
     def advance(self, steps: int = 1) -> int:
         """Count training steps (for snapshots); returns the new step."""

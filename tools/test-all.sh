@@ -8,8 +8,15 @@ cd "$(dirname "$0")/.."
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
+    log=$(mktemp)
+    # apt and dpkg are chatty: keep their output for when they fail.
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            $SUDO apt-get install -y -qq --no-install-recommends prometheus; } >"$log" 2>&1; then
+        cat "$log"
+        echo "could not install Prometheus from Debian's packages (see above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
 fi
 
 PYTHON="${PYTHON:-python3}"
