@@ -24,7 +24,9 @@ __all__ = ["LayerAccumulator", "histogram_eager", "reduce_eager"]
 
 log = logging.getLogger(__name__)
 
-Buffers = tuple[torch.Tensor, ...]  # fired, saturated, nonfinite, abs_sum, sum, max, min
+Buffers = tuple[torch.Tensor, ...]
+# The Partials fields the buffers hold, in order (the histogram is kept apart as "above" counts).
+BUFFER_FIELDS = ("fired", "saturated", "nonfinite", "abs_sum", "sum", "max", "min")
 
 # A call's counts are summed in int32 when they cannot reach 2**31 (fewer rows, or values for
 # the histogram) and then added to the int64 buffers: the same results, but half-width integer
@@ -235,21 +237,13 @@ class LayerAccumulator:
         """Copy the buffers to the host as :class:`Partials` and reset them (a sync point)."""
         if self._buffers is None or self._above is None or self.rows == 0:
             return None
-        host = [b.cpu().numpy() for b in self._buffers]
-        above = self._above.cpu().numpy()
-        fired, saturated, nonfinite, abs_sum, total, high_water, low_water = host
+        host = [buffer.cpu().numpy() for buffer in self._buffers]
         partials = Partials.from_arrays(
             rows=self.rows,
-            fired=fired,
-            saturated=saturated,
-            nonfinite=nonfinite,
-            abs_sum=abs_sum,
-            sum=total,
-            max=high_water,
-            min=low_water,
-            histogram=bins_from_above(above),
+            histogram=bins_from_above(self._above.cpu().numpy()),
+            **dict(zip(BUFFER_FIELDS, host, strict=True)),
         )
-        neurons = fired.shape[0]
+        neurons = partials.neurons
         device = self._buffers[0].device
         self.rows = 0
         self._allocate(device, neurons)

@@ -10,14 +10,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
-from neuronwatch import Engine, Partials  # noqa: E402
+import neuronwatch
+from neuronwatch import Engine, Partials
 
 EXACT = ("fired", "saturated", "nonfinite", "histogram", "max", "min")
 SUMS = ("sum", "abs_sum")

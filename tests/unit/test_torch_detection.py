@@ -7,11 +7,11 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
+from torch_models import conv_bn_relu
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
+import neuronwatch
 
 IN = 8
 DEAD_1 = [3, 17, 30]  # act1 neurons killed by a -50 bias
@@ -150,15 +150,7 @@ def test_conv1d_channels_come_from_the_producing_conv() -> None:
 
 
 def test_conv_batchnorm_relu_dead_channels() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(3, 8, 3, bias=False),
-            bn=nn.BatchNorm2d(8),
-            act=nn.ReLU(inplace=True),
-            conv2=nn.Conv2d(8, 4, 1),
-        )
-    )
+    model = conv_bn_relu()
     with torch.no_grad():
         model.bn.bias[[1, 6]] = -50.0  # BN's shift kills the channel after normalisation
     gen = torch.Generator().manual_seed(0)

@@ -8,12 +8,11 @@ from collections import OrderedDict
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-from torch.nn.modules import module as torch_module  # noqa: E402
-
-import neuronwatch  # noqa: E402
+import neuronwatch
 
 
 def mlp() -> nn.Sequential:

@@ -4,12 +4,11 @@ the errors that name the bad argument."""
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
-from neuronwatch import ConfigError  # noqa: E402
+import neuronwatch
+from neuronwatch import ConfigError
 
 
 class Block(nn.Module):

@@ -9,11 +9,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
+import neuronwatch
 
 DEAD_1 = [2, 11]
 DEAD_2 = [5]

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
-from neuronwatch import Report  # noqa: E402
+import neuronwatch
+from neuronwatch import Report
 
 
 def model_and_batches() -> tuple[nn.Module, list[torch.Tensor]]:

@@ -7,11 +7,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
+import neuronwatch
 
 ROWS = 100
 

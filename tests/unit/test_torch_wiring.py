@@ -8,12 +8,12 @@ import os
 from collections import OrderedDict
 
 import pytest
+import torch
+from torch import nn
+from torch_models import conv_bn_relu
 
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-import neuronwatch  # noqa: E402
-from neuronwatch import ParamRef, Wiring  # noqa: E402
+import neuronwatch
+from neuronwatch import ParamRef, Wiring
 
 
 def refs(*entries: tuple[str, tuple[int, ...], int]) -> set[ParamRef]:
@@ -74,15 +74,7 @@ def test_conv_wiring() -> None:
 
 
 def test_conv_batchnorm_relu_wiring() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(3, 8, 3, bias=False),
-            bn=nn.BatchNorm2d(8),
-            act=nn.ReLU(inplace=True),
-            conv2=nn.Conv2d(8, 4, 1),
-        )
-    )
+    model = conv_bn_relu()
     with neuronwatch.watch(model, compile=False) as monitor:
         model(torch.randn(2, 3, 9, 9))
         wiring = monitor.snapshot().wiring["act"]
@@ -158,7 +150,8 @@ def test_wiring_complete_after_the_first_traced_pass_failed() -> None:
 @pytest.fixture(scope="module")
 def gpt2() -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
         bos_token_id=0, eos_token_id=0,

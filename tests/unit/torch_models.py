@@ -1,0 +1,21 @@
+"""Small real models shared by the torch adapter tests."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu() -> nn.Sequential:
+    """Conv2d(3->8) -> BatchNorm2d -> in-place ReLU -> Conv2d(8->4): channels on axis 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 8, 3, bias=False),
+            bn=nn.BatchNorm2d(8),
+            act=nn.ReLU(inplace=True),
+            conv2=nn.Conv2d(8, 4, 1),
+        )
+    )
