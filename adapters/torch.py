@@ -360,6 +360,12 @@ def watch(
             raise ConfigError(f"{arg} must be a positive integer, got {value!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ConfigError(f"window must be a positive number of steps or None, got {window!r}")
+    # torch.compile wraps the model in an OptimizedModule whose names all start with
+    # "_orig_mod."; hook the wrapped module so layer and parameter names match the user's model
+    # and its state_dict.
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module):
+        model = original
     selected = _select(model, layers)
     axes = dict(feature_axis or {})
     engine = Engine(name or type(model).__name__, overrides=overrides, **defaults)

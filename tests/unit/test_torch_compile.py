@@ -256,3 +256,22 @@ def test_eager_reduction_equals_numpy_on_arbitrary_arrays(
     engine = Engine("Tapped", min_rows=1, **family_settings)
     engine.observe("tap", array, feature_axis=axis)
     assert_same(mine, engine.snapshot().layers("lifetime")["tap"].partials, "eager vs numpy")
+
+
+def test_a_torch_compiled_model_is_watched_under_its_own_names() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].bias[[3, 7]] = -100.0
+    compiled = torch.compile(model)
+    with neuronwatch.watch(compiled, min_rows=100, compile=False) as monitor:
+        for _ in range(5):
+            compiled(torch.randn(64, 16)).sum().backward()
+            monitor.step()
+        snapshot = monitor.snapshot()
+    stats = snapshot.layers("lifetime")["1"]  # not "_orig_mod.1"
+    assert stats.rows == 5 * 64
+    assert stats.dead_indices.tolist() == [3, 7]
+    assert snapshot.wiring["1"].produces[0].name == "0.weight"
+    assert {ref.name for ref in snapshot.wiring["1"].produces} <= set(model.state_dict())
+    assert not snapshot.errors
