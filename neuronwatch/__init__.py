@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -24,6 +25,14 @@ from .report import Report
 from .snapshot import Snapshot
 from .stats import LayerStats
 from .wiring import ParamRef, Wiring
+
+# adapters/ and exporters/ sit beside this package in a checkout and are installed into it as
+# neuronwatch.adapters / neuronwatch.exporters (DESIGN §4). Python run from the repository root
+# imports this source tree ahead of any installed copy, so give it the same two subpackages;
+# otherwise `neuronwatch.watch` fails there with "No module named 'neuronwatch.adapters'".
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "adapters" / "torch.py").is_file():
+    __path__.append(str(_checkout))
 
 if TYPE_CHECKING:
     # adapters/ installs as neuronwatch.adapters through setuptools' package-dir, which mypy
@@ -59,6 +68,11 @@ def watch(model: Any, **options: Any) -> TorchMonitor:
     ...     train(model)
     ...     monitor.report().save("runs/latest")
     """
-    from neuronwatch.adapters.torch import watch as torch_watch
+    try:
+        from neuronwatch.adapters.torch import watch as torch_watch
+    except ImportError as exc:
+        if exc.name != "torch":
+            raise
+        raise MissingExtraError("torch", "torch") from exc
 
     return torch_watch(model, **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import neuronwatch
 
@@ -37,3 +38,21 @@ def test_watch_loads_torch_lazily() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "TorchMonitor"
+
+
+def test_a_source_checkout_provides_the_adapters() -> None:
+    # Python started in the repository root imports neuronwatch/ from the checkout, ahead of
+    # any installed copy; drop the editable-install finder to see what a plain install sees.
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [\n"
+        "    f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')\n"
+        "]\n"
+        "import neuronwatch.adapters, neuronwatch.exporters\n"
+        "print(neuronwatch.adapters.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert Path(out.stdout.strip()) == root / "adapters" / "__init__.py"
