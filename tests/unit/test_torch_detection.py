@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_models import conv_bn_relu
+from torch_models import conv_bn_relu, conv_relu_conv_relu
 
 import neuronwatch
 
@@ -102,15 +102,7 @@ def test_unbatched_input_is_one_row_per_call() -> None:
 
 
 def conv_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(3, 8, 3),
-            act1=nn.ReLU(),
-            conv2=nn.Conv2d(8, 6, 3),
-            act2=nn.ReLU(),
-        )
-    )
+    model = conv_relu_conv_relu()
     with torch.no_grad():
         model.conv1.bias[[2, 5]] = -50.0
         model.conv2.bias[[1]] = -50.0

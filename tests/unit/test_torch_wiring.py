@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
-from torch_models import conv_bn_relu
+from torch_models import conv_bn_relu, conv_relu_conv_relu
 
 import neuronwatch
 from neuronwatch import ParamRef, Wiring
@@ -52,15 +52,7 @@ def test_linear_wiring() -> None:
 
 
 def test_conv_wiring() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(3, 8, 3),
-            act1=nn.ReLU(),
-            conv2=nn.Conv2d(8, 6, 3),
-            act2=nn.ReLU(),
-        )
-    )
+    model = conv_relu_conv_relu()
     with neuronwatch.watch(model, compile=False) as monitor:
         model(torch.randn(2, 3, 11, 13))
         wiring = monitor.snapshot().wiring

@@ -19,3 +19,16 @@ def conv_bn_relu() -> nn.Sequential:
             conv2=nn.Conv2d(8, 4, 1),
         )
     )
+
+
+def conv_relu_conv_relu() -> nn.Sequential:
+    """conv1(3->8) -> act1 -> conv2(8->6) -> act2, with biases."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 6, 3),
+            act2=nn.ReLU(),
+        )
+    )
