@@ -20,8 +20,8 @@ from .config import LayerConfig
 from .errors import MergeError, ReportError
 from .partials import FIELD_RULES, Partials
 from .snapshot import Snapshot
-from .stats import FREQUENCY_EDGES, LayerStats, summarize
-from .wiring import Wiring, active_parameter_counts
+from .stats import FREQUENCY_EDGES, LayerStats, active_parameter_ratio, summarize
+from .wiring import Wiring
 
 __all__ = ["SCHEMA_VERSION", "STATES", "Report"]
 
@@ -82,11 +82,7 @@ class Report:
         return sum(stats.neurons for stats in self.layers.values())
 
     def active_parameter_ratio(self) -> float | None:
-        if not self.wiring:
-            return None
-        dead = {name: stats.dead for name, stats in self.layers.items()}
-        active, total = active_parameter_counts(self.wiring, dead)
-        return active / total if total else None
+        return active_parameter_ratio(self.wiring, self.layers)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready summary that ``report.json`` holds (without per-neuron arrays)."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ConfigError
-from .stats import LayerStats
-from .wiring import Wiring, active_parameter_counts
+from .stats import LayerStats, active_parameter_ratio
+from .wiring import Wiring
 
 __all__ = ["WINDOWS", "Snapshot", "WindowName"]
 
@@ -47,9 +47,4 @@ class Snapshot:
     def active_parameter_ratio(self, window: str = "auto") -> float | None:
         """Parameters not attached to a dead neuron over all parameters wired to monitored
         layers; ``None`` when no wiring is known."""
-        if not self.wiring:
-            return None
-        layers = self.layers(window)
-        dead = {name: stats.dead for name, stats in layers.items()}
-        active, total = active_parameter_counts(self.wiring, dead)
-        return active / total if total else None
+        return active_parameter_ratio(self.wiring, self.layers(window))

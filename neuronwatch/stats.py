@@ -7,6 +7,7 @@ the same verdicts, which is what lets reports be reloaded, merged and re-judged 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,6 +16,7 @@ from numpy.typing import NDArray
 
 from .config import LayerConfig
 from .partials import Partials
+from .wiring import Wiring, active_parameter_counts
 
 __all__ = ["FREQUENCY_EDGES", "LayerStats", "summarize"]
 
@@ -132,3 +134,13 @@ def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
         dormant=_readonly(dormant),
         saturated=_readonly(saturated),
     )
+
+
+def active_parameter_ratio(
+    wiring: Mapping[str, Wiring], layers: Mapping[str, LayerStats]
+) -> float | None:
+    """Parameters not attached to a dead neuron over all parameters wired to the layers
+    (Synaptic Stripping §III-D); ``None`` when nothing is wired."""
+    dead = {name: stats.dead for name, stats in layers.items()}
+    active, total = active_parameter_counts(wiring, dead)
+    return active / total if total else None
