@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -13,7 +13,7 @@ __all__ = ["atomic_writer", "write_text_atomic"]
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[bytes]]:
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     """Open a temporary file next to ``path``; on success it is renamed over ``path``.
 
     On an exception the temporary file is removed and ``path`` is left as it was.
@@ -21,7 +21,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -32,10 +32,5 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    with atomic_writer(path, "wb") as handle:
+    with atomic_writer(path) as handle:
         handle.write(text.encode("utf-8"))
-
-
-def write_with(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None]) -> None:
-    with atomic_writer(path, "wb") as handle:
-        writer(handle)

@@ -133,11 +133,13 @@ class Engine:
                     "is feature_axis right?"
                 )
             lifetime = self._lifetime.get(layer)
-            # The engine never mutates partials in place (merges make new arrays); the copy keeps
-            # a caller who reuses its arrays from changing what the engine holds.
-            self._current[layer] = partials.copy() if current is None else current.merged(partials)
+            # Every stored Partials is the engine's own, read-only object: a merge makes new
+            # arrays and a first update is copied, so a caller reusing its arrays changes
+            # nothing here, and snapshots can share the objects without copying them.
+            first = partials.copy(readonly=True)
+            self._current[layer] = first if current is None else current.merged(partials).frozen()
             self._lifetime[layer] = (
-                partials.copy() if lifetime is None else lifetime.merged(partials)
+                first if lifetime is None else lifetime.merged(partials).frozen()
             )
 
     def advance(self, steps: int = 1) -> int:
@@ -153,7 +155,7 @@ class Engine:
                 name: self._current.get(name)
                 or Partials.empty(
                     self._lifetime[name].neurons, histogram_bins(config.histogram_edges)
-                )
+                ).frozen()
                 for name, config in self._configs.items()
                 if name in self._lifetime
             }
@@ -165,10 +167,11 @@ class Engine:
     def snapshot(self) -> Snapshot:
         """An immutable, thread-safe picture of every layer over every window."""
         with self._lock:
+            # The stored partials are read-only and replaced, never modified: no copies needed.
             raw = {
-                "current": {n: p.copy(readonly=True) for n, p in self._current.items()},
-                "last": {n: p.copy(readonly=True) for n, p in self._last.items()},
-                "lifetime": {n: p.copy(readonly=True) for n, p in self._lifetime.items()},
+                "current": dict(self._current),
+                "last": dict(self._last),
+                "lifetime": dict(self._lifetime),
             }
             configs = dict(self._configs)
             wiring = dict(self._wiring)
@@ -214,7 +217,9 @@ class Engine:
                     (result._lifetime, engine._lifetime),
                 ):
                     for name, partials in source.items():
-                        target[name] = target[name].merged(partials) if name in target else partials
+                        target[name] = (
+                            target[name].merged(partials).frozen() if name in target else partials
+                        )
                 for name, count in engine._errors.items():
                     result._errors[name] = result._errors.get(name, 0) + count
                 result._step = max(result._step, engine._step)

@@ -136,11 +136,15 @@ class Partials:
         return Partials._of(self.rows + other.rows, merged)
 
     def copy(self, readonly: bool = False) -> Partials:
-        copied = {name: array.copy() for name, array in self.arrays()}
-        if readonly:
-            for array in copied.values():
-                array.flags.writeable = False
-        return Partials._of(self.rows, copied)
+        copied = Partials._of(self.rows, {name: array.copy() for name, array in self.arrays()})
+        return copied.frozen() if readonly else copied
+
+    def frozen(self) -> Partials:
+        """Mark this object's own arrays read-only and return it (no copy). Only for partials
+        nobody else holds, such as the result of :meth:`merged` or :meth:`copy`."""
+        for _, array in self.arrays():
+            array.flags.writeable = False
+        return self
 
     def equals(self, other: Partials) -> bool:
         """Exact equality of every field (NaN never occurs: non-finite values are excluded)."""

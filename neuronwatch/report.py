@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from ._version import __version__
-from .atomic import write_text_atomic, write_with
+from .atomic import atomic_writer, write_text_atomic
 from .config import LayerConfig
 from .errors import MergeError, ReportError
 from .partials import FIELD_RULES, Partials
@@ -150,10 +150,8 @@ class Report:
             for attribute, key in _DERIVED.items():
                 arrays[f"{name}/{key}"] = getattr(stats, attribute)
 
-        def write_npz(handle: IO[bytes]) -> None:
+        with atomic_writer(out / NPZ_NAME) as handle:
             np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy stub quirk
-
-        write_with(out / NPZ_NAME, write_npz)
         write_text_atomic(out / JSON_NAME, json.dumps(self.summary(), indent=2) + "\n")
         return out
 
@@ -188,7 +186,7 @@ class Report:
                     partials = Partials.from_arrays(
                         rows=int(npz[f"{name}/rows"]),
                         **{key: npz[f"{name}/{key}"] for key in FIELD_RULES},
-                    )
+                    ).frozen()
                 except KeyError as exc:
                     raise ReportError(f"{npz_path} lacks arrays of layer {name!r}: {exc}") from exc
                 stats = summarize(LayerConfig.from_json(entry["thresholds"]), partials)
@@ -226,7 +224,7 @@ class Report:
                 continue
             if mine.config != stats.config:
                 raise MergeError(f"layer {name!r} has different thresholds in the two reports")
-            layers[name] = summarize(mine.config, mine.partials.merged(stats.partials))
+            layers[name] = summarize(mine.config, mine.partials.merged(stats.partials).frozen())
         wiring = dict(self.wiring)
         for name, layer_wiring in other.wiring.items():
             if wiring.setdefault(name, layer_wiring) != layer_wiring:

@@ -138,3 +138,11 @@ def test_auto_window_prefers_last_complete() -> None:
     report = Report.from_snapshot(engine.snapshot())
     assert report.window == "last"
     assert report.layers["a"].rows == 3
+
+
+def test_loaded_and_merged_reports_are_read_only(tmp_path: Path) -> None:
+    make_report().save(tmp_path)
+    loaded = Report.load(tmp_path)
+    for report in (loaded, loaded.merged(loaded)):
+        with pytest.raises(ValueError, match="read-only"):
+            report.layers["fc1.act"].partials.fired[0] = 7
