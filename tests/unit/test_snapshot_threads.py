@@ -42,10 +42,16 @@ def test_snapshots_from_another_thread_are_consistent() -> None:
     batch[:, ::2] = 1.0  # even neurons fire on every row, odd ones never
     steps = 2000
     failures: list[BaseException] = []
+    # Halfway, training waits until the reader has taken a snapshot: the two threads are then
+    # guaranteed to overlap, whatever the scheduler does.
+    halfway, snapshot_taken = threading.Event(), threading.Event()
 
     def train() -> None:  # the "training thread" feeds the engine
         try:
             for step in range(steps):
+                if step == steps // 2:
+                    halfway.set()
+                    snapshot_taken.wait(timeout=30)
                 engine.observe("a", batch)
                 engine.observe("b", batch)
                 if step % 500 == 499:
@@ -57,6 +63,7 @@ def test_snapshots_from_another_thread_are_consistent() -> None:
     writer.start()
     snapshots = 0
     while writer.is_alive():
+        during = halfway.is_set()
         snap = engine.snapshot()
         layers = snap.layers("lifetime")
         for name, stats in layers.items():
@@ -67,9 +74,12 @@ def test_snapshots_from_another_thread_are_consistent() -> None:
             # b is fed right after a: a snapshot sees either both or only a's last batch.
             assert layers["b"].rows in (layers["a"].rows, layers["a"].rows - 16)
             snapshots += 1
+        if during:
+            snapshot_taken.set()
     writer.join()
     assert not failures, failures
-    assert snapshots > 0, "no snapshot overlapped the training thread"
+    assert snapshot_taken.is_set(), "no snapshot overlapped the training thread"
+    assert snapshots > 0
     final = engine.snapshot()
     assert final.layers("lifetime")["a"].rows == steps * 16
     assert final.windows_completed == 4
