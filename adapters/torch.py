@@ -1,22 +1,24 @@
-"""PyTorch adapter: ``neuronwatch.watch(model)`` hooks activation modules and feeds an Engine.
+"""PyTorch adapter: ``neuronwatch.watch(model)`` hooks activations and feeds a Monitor.
 
-The hooks only launch reductions into device buffers (see :mod:`.torch_reduce`); partials reach
-the engine at a flush: every ``flush_every`` calls of :meth:`TorchMonitor.step`, or on demand
-through :meth:`TorchMonitor.snapshot` / :meth:`TorchMonitor.report`. Wiring and each layer's
-feature axis come from tensor identity in the first watched forward pass (:mod:`.torch_wiring`).
+:class:`TorchSource` is an activation source (see :mod:`neuronwatch.monitor`): its hooks only
+launch fused reductions into device buffers (:mod:`.torch_reduce`), and the monitor drains them
+at a flush. Layers are *call sites*: a module that runs twice in a forward (torchvision's reused
+``relu``) gives two layers, ``layer1.0.relu`` and ``layer1.0.relu#2``. Forward boundaries come
+from :mod:`.torch_forward`; the wiring and each layer's neuron axis from tensor identity in the
+first watched forward (:mod:`.torch_wiring`).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import itertools
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,18 +27,30 @@ from neuronwatch.config import LayerConfig
 from neuronwatch.engine import Engine
 from neuronwatch.errors import ConfigError
 from neuronwatch.families import ACTIVATION_CLASSES
-from neuronwatch.report import Report
-from neuronwatch.snapshot import Snapshot
+from neuronwatch.monitor import DEFAULT_FLUSH_EVERY, Monitor
+from neuronwatch.partials import Partials
+from neuronwatch.wiring import ParamRef, Wiring
 
+from .torch_forward import (
+    ForwardState,
+    MaskSpec,
+    ThreadForwards,
+    as_row_mask,
+    mask_of,
+    outermost_module_call,
+)
 from .torch_reduce import LayerAccumulator
-from .torch_wiring import WiringTracer, feature_axis_of
+from .torch_wiring import ACTIVATION_FUNCTIONS, WiringTracer, in_backward
 
-__all__ = ["TorchMonitor", "find_activations", "watch"]
+__all__ = ["MAX_CALL_SITES", "TorchSource", "find_activations", "watch"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FLUSH_EVERY = 10
 DEFAULT_HISTOGRAM_EVERY = 8
+# A module called more often than this in one forward (a cell applied per time step) gets no
+# further layers: pool its calls with per_call_site=False instead.
+MAX_CALL_SITES = 64
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def find_activations(model: nn.Module) -> list[str]:
@@ -48,25 +62,31 @@ def find_activations(model: nn.Module) -> list[str]:
     ]
 
 
-def _select(model: nn.Module, layers: Iterable[str] | None) -> list[str]:
-    if layers is None:
-        found = find_activations(model)
-        if not found:
-            raise ConfigError(
-                f"{type(model).__name__} has no activation modules (nn.ReLU, nn.GELU, ...); "
-                "name the modules to watch with layers=[...] (globs allowed)"
-            )
-        return found
-    names = [name for name, _ in model.named_modules() if name]
-    selected: list[str] = []
-    for pattern in layers:
-        matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not matches:
-            close = difflib.get_close_matches(pattern, names, n=3)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ConfigError(f"layers: {pattern!r} matches no module of the model{hint}")
-        selected.extend(m for m in matches if m not in selected)
-    return selected
+def site_name(base: str, index: int) -> str:
+    """Layer name of the ``index``-th call (0-based) of the layer ``base`` in one forward:
+    ``act``, ``act#2``, ``act#3``...; a ``:pre``/``:input`` suffix stays last (``act#2:pre``)."""
+    if index == 0:
+        return base
+    stem, colon, suffix = base.partition(":")
+    return f"{stem}#{index + 1}{colon}{suffix}"
+
+
+def _activation_params(module: nn.Module) -> dict[str, Any]:
+    """What an activation's thresholds depend on (see ``activation_settings``)."""
+    params: dict[str, Any] = {}
+    for attribute in ("min_val", "max_val", "alpha"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int | float):
+            params[attribute] = float(value)
+    return params
+
+
+def _report_axis(accumulator: LayerAccumulator, x: torch.Tensor) -> int:
+    """The neuron axis as reports state it: -1 when the neurons are the last axis (Linear
+    outputs of any rank), else the axis counted from the front (1 for batched conv maps)."""
+    rank = max(x.dim(), 2)
+    axis = accumulator.feature_axis % rank
+    return -1 if axis == rank - 1 else axis
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -78,271 +98,563 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 @dataclass
-class _Probe:
-    """One watched layer: its module, its accumulator (created at the first call)."""
+class _Site:
+    """One layer: one call site of a probed module."""
 
     layer: str
-    module_name: str
-    module: nn.Module
     config: LayerConfig
-    axis_override: int | None
     accumulator: LayerAccumulator | None = None
     failed_once: bool = False
+    unmasked_logged: bool = False
 
 
-class TorchMonitor:
-    """Hooks on a model's activation modules feeding an :class:`~neuronwatch.Engine`.
+@dataclass
+class _Probe:
+    """One hooked module and which of its tensors holds the neurons.
 
-    Use as a context manager (or call :meth:`close`) so every hook is removed.
+    ``watch="output"``: an activation module's output (kind ``post``); ``"input"``: a module's
+    input, for ``pre=True`` layers (an activation's input), ``inputs=`` layers and functional
+    activations of Transformer layers.
     """
+
+    base: str
+    module_name: str
+    module: nn.Module
+    watch: Literal["output", "input"]
+    kind: str
+    activation: str | None
+    params: dict[str, Any]
+    axis_override: int | None
+    consumes_itself: bool = False
+    infer_activation: bool = False
+    fixed_wiring: Wiring | None = None
+    sites: list[_Site] = field(default_factory=list)
+    over_cap_logged: bool = False
+
+
+class TorchSource:
+    """Hooks on one model's activations; drained into a :class:`~neuronwatch.Monitor`."""
 
     def __init__(
         self,
         model: nn.Module,
-        engine: Engine,
+        monitor: Monitor,
         probes: list[_Probe],
         *,
         every: int,
-        flush_every: int,
-        window: int | None,
         histogram_every: int,
         compile: bool,
         strict: bool,
+        mask: MaskSpec,
+        per_call_site: bool,
+        trace_functions: bool,
     ) -> None:
         self.model = model
-        self.engine = engine
+        self.monitor = monitor
         self.every = every
-        self.flush_every = flush_every
-        self.window = window
         self.histogram_every = histogram_every
         self.compile = compile
         self.strict = strict
+        self.mask = mask
+        self.per_call_site = per_call_site
         self._probes = probes
+        self._modules = {id(m): m for m in model.modules()}
+        self._entries: set[int] = set()
         self._handles: list[Any] = []
-        self._tracer = WiringTracer(model)
-        self._traced = False
-        self._forwards = 0
-        self._watched_forwards = 0
-        self._watching = False
-        self._paused = False
-        self._steps = 0
-        self._flush_lock = threading.Lock()
-        self._latest: Snapshot | None = None
-        self._pending_wiring: dict[str, tuple[str, torch.Tensor, int]] = {}
+        self._forwards = ThreadForwards()
+        self._forward_count = itertools.count()
+        self._watched_count = itertools.count()
+        self._lock = threading.Lock()
+        self._tracer = WiringTracer(model, functions=trace_functions)
+        self._pending: dict[str, tuple[_Probe, int, torch.Tensor, int]] = {}
+        self._watched_ids: set[int] = set()
+        self._logged: set[str] = set()
         try:
-            self._handles.append(model.register_forward_pre_hook(self._before_forward))
-            self._handles.append(model.register_forward_hook(self._after_forward))
             for probe in probes:
-                if probe.config.kind == "pre":
-                    hook = probe.module.register_forward_pre_hook(self._pre_hook(probe))
+                if probe.watch == "input":
+                    hook = probe.module.register_forward_pre_hook(self._input_hook(probe))
                 else:
-                    hook = probe.module.register_forward_hook(self._post_hook(probe))
+                    hook = probe.module.register_forward_hook(self._output_hook(probe))
                 self._handles.append(hook)
+            # After the probes: an entry's pre-hook is prepended and its post-hook appended, so a
+            # model that is itself an activation opens its forward first and closes it last.
+            self._add_entry(model)
+            # Armed from the start, so the first forward is traced whichever method runs it.
+            self._tracer.start()
         except BaseException:
             self.close()
             raise
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- life cycle -----------------------------------------------------------------------------
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return tuple(p.layer for p in self._probes)
+        return tuple(site.layer for probe in self._probes for site in probe.sites)
 
     @property
     def hooks(self) -> int:
-        """Number of hooks this monitor still holds on the model."""
+        """Number of hooks this source still holds on the model."""
         return len(self._handles) + self._tracer.hooks
 
     def close(self) -> None:
-        """Remove every hook (idempotent). Data already collected stays readable."""
+        """Remove every hook (idempotent). Collected data stays drainable."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._entries.clear()
         self._tracer.clear()
 
-    def __enter__(self) -> TorchMonitor:
-        return self
+    def drain(self) -> Iterator[tuple[str, Partials]]:
+        with self._lock:
+            drained = [
+                (site.layer, site.accumulator.drain())
+                for probe in self._probes
+                for site in probe.sites
+                if site.accumulator is not None
+            ]
+        for layer, partials in drained:
+            if partials is not None:
+                yield layer, partials
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+    def _log_once(self, key: str, level: int, message: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, message, *args)
+
+    # -- forward boundaries ---------------------------------------------------------------------
+
+    def _add_entry(self, module: nn.Module) -> None:
+        if id(module) in self._entries:
+            return
+        self._entries.add(id(module))
+        self._handles.append(
+            module.register_forward_pre_hook(self._entry_pre, with_kwargs=True, prepend=True)
+        )
+        self._handles.append(
+            module.register_forward_hook(self._entry_post, with_kwargs=True, always_call=True)
+        )
+
+    def _entry_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state = self._forwards.state
+        if state.depth == 0:
+            if state.open:  # a forward entered through another method, still open
+                self._end_forward(state)
+            self._begin_forward(state, module, args, kwargs)
+        state.depth += 1
+
+    def _entry_post(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        self.close()
+        state = self._forwards.state
+        state.depth = max(state.depth - 1, 0)
+        if state.depth == 0 and state.open:
+            # always_call hooks also run when the forward raised (then output is None and an
+            # exception is being handled): that forward's trace is incomplete, retrace.
+            self._end_forward(state, failed=output is None and sys.exc_info()[1] is not None)
+
+    def _begin_forward(
+        self,
+        state: ForwardState,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        state.open = True
+        state.calls = {}
+        state.mask = None
+        state.traced = False
+        # Recomputation under activation checkpointing runs inside backward: not a forward.
+        state.watched = self.monitor.watching and not in_backward()
+        if not state.watched:
+            return
+        state.watched = next(self._forward_count) % self.every == 0
+        if not state.watched:
+            return
+        state.histogram = next(self._watched_count) % self.histogram_every == 0
+        if self.mask is not None:
+            try:
+                raw = mask_of(self.mask, module, args, kwargs)
+                state.mask = as_row_mask(raw)
+                if raw is not None and state.mask is None:
+                    self._log_once(
+                        "mask-shape",
+                        logging.INFO,
+                        "the mask %r is not a [batch, tokens] tensor (got %s); pad rows are "
+                        "counted. Pass mask=lambda module, args, kwargs: ... to supply one",
+                        self.mask,
+                        getattr(raw, "shape", type(raw).__name__),
+                    )
+            except Exception as exc:
+                self._hook_failed("<mask>", None, exc)
+        if self._tracer.active and not self._tracer.claimed:
+            self._tracer.claim()
+            self._tracer.enter_functions()
+            state.traced = True
+
+    def _end_forward(self, state: ForwardState, failed: bool = False) -> None:
+        watched, traced = state.watched, state.traced
+        state.open = state.watched = state.traced = False
+        state.calls = {}
+        state.mask = None
+        if traced and failed:
+            self._pending.clear()
+            self._watched_ids.clear()
+            self._tracer.reset()
+        elif traced:
+            self._finish_trace()
+        if watched:
+            try:
+                self.monitor.forward_done()
+            except Exception as exc:  # a flush must never raise into the user's forward
+                self._hook_failed("<flush>", None, exc)
+
+    def _outside_forward(self, state: ForwardState) -> None:
+        """An activation ran with no forward open on this thread: either recomputation in
+        backward (ignored) or a method other than ``forward`` (its entry module is found and
+        hooked, and this call opens the forward)."""
+        if in_backward():
+            return
+        entry, args, kwargs = outermost_module_call(self._modules)
+        if entry is None:
+            return
+        self._add_entry(entry)
+        self._log_once(
+            f"entry:{id(entry)}",
+            logging.INFO,
+            "%s is called outside the model's forward (through another method); watching "
+            "its calls too",
+            next((n for n, m in self.model.named_modules() if m is entry), type(entry).__name__)
+            or type(self.model).__name__,
+        )
+        self._begin_forward(state, entry, args, kwargs)
 
     # -- hooks (hot path) -----------------------------------------------------------------------
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Stop watching inside the block, e.g. for an evaluation pass whose rows must not
-        enter the training window. Forwards inside the block do not count for ``every``."""
-        before, self._paused = self._paused, True
-        try:
-            yield
-        finally:
-            self._paused = before
+    def _output_hook(self, probe: _Probe) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            state = self._forwards.state
+            if not state.open:
+                self._outside_forward(state)
+            if state.watched:
+                self._record(probe, state, _first_tensor(output), _first_tensor(args))
 
-    def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if self._paused:
-            self._watching = False
-            return
-        self._forwards += 1
-        self._watching = (self._forwards - 1) % self.every == 0
-        if self._watching:
-            self._watched_forwards += 1
-            if not self._traced:
-                self._tracer.clear()  # a previous traced pass may have died mid-forward
-                self._pending_wiring.clear()
-                self._tracer.start()
+        return hook
 
-    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._tracer.active:
-            return
+    def _input_hook(self, probe: _Probe) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            state = self._forwards.state
+            if not state.open:
+                self._outside_forward(state)
+            if state.watched:
+                x = _first_tensor(args)
+                self._record(probe, state, x, x)
+
+        return hook
+
+    def _record(
+        self,
+        probe: _Probe,
+        state: ForwardState,
+        x: torch.Tensor | None,
+        act_input: torch.Tensor | None,
+    ) -> None:
+        index = state.calls.get(id(probe), 0)
+        state.calls[id(probe)] = index + 1
+        if not self.per_call_site:
+            index = 0
+        site: _Site | None = None
         try:
-            for layer, (module_name, act_input, axis) in self._pending_wiring.items():
-                self.engine.set_wiring(layer, self._tracer.wiring_for(module_name, act_input, axis))
+            if x is None:
+                raise TypeError(f"layer {probe.base!r} produced no tensor to watch")
+            site = (
+                probe.sites[index] if index < len(probe.sites) else self._new_site(probe, index, x)
+            )
+            if site is None:
+                return
+            accumulator = site.accumulator
+            if accumulator is None:
+                accumulator = site.accumulator = self._start_site(probe, index, site, act_input)
+            if state.traced:
+                self._watched_ids.add(id(x))
+                if act_input is not None:
+                    self._pending.setdefault(
+                        site.layer, (probe, index, act_input, _report_axis(accumulator, x))
+                    )
+            with self._lock, torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                masked = accumulator.add(x, state.histogram, state.mask)
+            if state.mask is not None and not masked and not site.unmasked_logged:
+                site.unmasked_logged = True
+                log.info(
+                    "layer %r: its activation %s has no [batch, tokens] rows matching the mask "
+                    "%s, so all its rows count",
+                    site.layer,
+                    tuple(x.shape),
+                    tuple(state.mask.shape),
+                )
+        except Exception as exc:
+            self._hook_failed(site.layer if site is not None else probe.base, site, exc)
+
+    def _new_site(self, probe: _Probe, index: int, x: torch.Tensor) -> _Site | None:
+        if index >= MAX_CALL_SITES:
+            if not probe.over_cap_logged:
+                probe.over_cap_logged = True
+                log.warning(
+                    "%r runs more than %d times in one forward; its further calls are not "
+                    "watched. Pool every call into one layer with per_call_site=False",
+                    probe.module_name,
+                    MAX_CALL_SITES,
+                )
+            return None
+        activation = probe.activation
+        if activation is None and probe.infer_activation and self._tracer.active:
+            activation = self._tracer.function_before(x)
+        config = self.monitor.engine.add_layer(
+            site_name(probe.base, index), activation, probe.kind, probe.params
+        )
+        site = _Site(config.name, config)
+        probe.sites.append(site)
+        if index > 0 and not self._tracer.active and probe.fixed_wiring is None:
+            # A call site first seen after the traced forward: trace the next one for its wiring.
+            self._tracer.start()
+        return site
+
+    def _start_site(
+        self, probe: _Probe, index: int, site: _Site, act_input: torch.Tensor | None
+    ) -> LayerAccumulator:
+        axis = probe.axis_override
+        first = probe.sites[0].accumulator if probe.sites else None
+        if axis is None and index > 0 and first is not None:
+            axis = first.feature_axis  # the same module: the same producer's axis
+        if axis is None and self._tracer.active and act_input is not None:
+            axis = self._tracer.feature_axis(act_input)
+        if axis is None:
+            log.info(
+                "layer %r: the module producing its input is unknown, so its neurons are taken "
+                "on the last axis; pass feature_axis={%r: AXIS} to change that",
+                site.layer,
+                probe.base,
+            )
+            axis = -1
+        return LayerAccumulator(site.config, axis, self.compile)
+
+    def _hook_failed(self, layer: str, site: _Site | None, exc: Exception) -> None:
+        self.monitor.engine.count_error(layer)
+        if self.strict:
+            raise exc
+        first = site.failed_once if site is not None else layer in self._logged
+        if not first:
+            if site is not None:
+                site.failed_once = True
+            else:
+                self._logged.add(layer)
+            log.warning(
+                "layer %r: the neuronwatch hook failed; the model runs on, further failures of "
+                "this layer are counted, not logged: %r",
+                layer,
+                exc,
+            )
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _finish_trace(self) -> None:
+        tracer = self._tracer
+        tracer.exit_functions()
+        pending, self._pending = self._pending, {}
+        watched, self._watched_ids = self._watched_ids, set()
+        try:
+            for layer, (probe, index, tensor, axis) in pending.items():
+                wiring = probe.fixed_wiring or tracer.wiring_for(
+                    probe.module, index, tensor, axis, consumes_itself=probe.consumes_itself
+                )
+                self.monitor.engine.set_wiring(layer, replace(wiring, feature_axis=axis))
+            for function, consumer in tracer.unwatched_functions(watched):
+                self._log_once(
+                    f"functional:{consumer}",
+                    logging.WARNING,
+                    "a functional activation (%s) feeds %r and is not watched: module hooks "
+                    "cannot see it. Watch its neurons with inputs=[%r]",
+                    function,
+                    consumer,
+                    consumer,
+                )
         except Exception as exc:  # wiring is a bonus; never break the forward for it
             log.warning("wiring discovery failed: %r", exc)
             if self.strict:
                 raise
         finally:
-            self._pending_wiring.clear()
-            self._traced = True
-            self._tracer.clear()
+            if pending:
+                tracer.clear()
+            else:  # nothing watched in that forward (paused, or no activation ran): again
+                tracer.reset()
 
-    def _post_hook(self, probe: _Probe) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._watching:
-                self._observe(probe, _first_tensor(output), _first_tensor(args))
 
-        return hook
+# -- choosing what to watch ---------------------------------------------------------------------
 
-    def _pre_hook(self, probe: _Probe) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if self._watching:
-                x = _first_tensor(args)
-                self._observe(probe, x, x)
 
-        return hook
+def _match(names: list[str], patterns: Iterable[str], what: str) -> list[str]:
+    selected: list[str] = []
+    for pattern in patterns:
+        matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ConfigError(f"{what}: {pattern!r} matches no module of the model{hint}")
+        selected.extend(m for m in matches if m not in selected)
+    return selected
 
-    def _observe(
-        self, probe: _Probe, x: torch.Tensor | None, act_input: torch.Tensor | None
-    ) -> None:
-        try:
-            if x is None:
-                raise TypeError(f"layer {probe.layer!r} produced no tensor to watch")
-            if probe.accumulator is None:
-                probe.accumulator = self._start_layer(probe, act_input)
-            if self._tracer.active and act_input is not None:
-                # Recorded on every traced pass, so a first pass that died mid-forward is redone.
-                self._pending_wiring.setdefault(
-                    probe.layer, (probe.module_name, act_input, probe.accumulator.feature_axis)
+
+def _transformer_activation(name: str, layer: nn.Module) -> _Probe | None:
+    """The feed-forward activation of ``nn.TransformerEncoderLayer``/``DecoderLayer`` when it is
+    applied as a function: its neurons are the input of ``dropout`` (the feed-forward dropout,
+    which reads exactly ``activation(linear1(x))``) and feed ``linear2``."""
+    function = getattr(layer, "activation", None)
+    if isinstance(function, nn.Module) or function is None:
+        return None  # a module activation is found like any other
+    activation = ACTIVATION_FUNCTIONS.get(function)
+    prefix = f"{name}." if name else ""
+    linear1, linear2, dropout = layer.linear1, layer.linear2, layer.dropout
+    if not (
+        isinstance(linear1, nn.Linear)
+        and isinstance(linear2, nn.Linear)
+        and isinstance(dropout, nn.Module)
+    ):
+        return None
+    wiring = Wiring(
+        feature_axis=-1,
+        producer=f"{prefix}linear1",
+        consumer=f"{prefix}linear2",
+        produces=tuple(
+            ParamRef(f"{prefix}linear1.{p}", tuple(getattr(linear1, p).shape), 0)
+            for p in ("weight", "bias")
+            if getattr(linear1, p, None) is not None
+        ),
+        consumes=(ParamRef(f"{prefix}linear2.weight", tuple(linear2.weight.shape), 1),),
+    )
+    return _Probe(
+        base=f"{prefix}activation",
+        module_name=f"{prefix}dropout",
+        module=dropout,
+        watch="input",
+        kind="post",
+        activation=activation,
+        params={},
+        axis_override=-1,
+        fixed_wiring=wiring,
+    )
+
+
+def _probes(
+    model: nn.Module,
+    layers: Iterable[str] | None,
+    inputs: Iterable[str] | Mapping[str, str | None] | None,
+    pre: bool,
+    axes: Mapping[str, int],
+) -> list[_Probe]:
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    functional = {
+        p.base: p
+        for name, module in modules.items()
+        if isinstance(module, _TRANSFORMER_LAYERS)
+        for p in [_transformer_activation(name, module)]
+        if p is not None
+    }
+    if layers is None:
+        chosen = find_activations(model) + list(functional)
+        if not chosen and not inputs:
+            raise ConfigError(
+                f"{type(model).__name__} has no activation modules (nn.ReLU, nn.GELU, ...); "
+                "name the modules to watch with layers=[...] (globs allowed), or the modules "
+                "whose input features are neurons with inputs=[...]"
+            )
+    else:
+        chosen = _match(names + list(functional), list(layers), "layers")
+    probes: list[_Probe] = []
+    for name in chosen:
+        if name in functional:
+            probes.append(functional[name])
+            continue
+        module = modules[name]
+        activation = type(module).__name__
+        params = _activation_params(module)
+        axis = axes.get(name)
+        probes.append(_Probe(name, name, module, "output", "post", activation, params, axis))
+        if pre:
+            pre_axis = axes.get(f"{name}:pre", axis)
+            probes.append(_Probe(f"{name}:pre", name, module, "input", "pre", None, {}, pre_axis))
+    given: dict[str, str | None] = (
+        dict(inputs) if isinstance(inputs, Mapping) else dict.fromkeys(inputs or (), None)
+    )
+    for pattern, named in given.items():
+        for name in _match(names, [pattern], "inputs"):
+            base = f"{name}:input"
+            if any(p.base == base for p in probes):
+                continue
+            probes.append(
+                _Probe(
+                    base,
+                    name,
+                    modules[name],
+                    "input",
+                    "post",
+                    named,
+                    {},
+                    axes.get(base, axes.get(name)),
+                    consumes_itself=True,
+                    infer_activation=named is None,
                 )
-            histogram = (self._watched_forwards - 1) % self.histogram_every == 0
-            # The lock only matters if someone flushes from another thread; uncontended it
-            # costs a fraction of a microsecond.
-            with self._flush_lock, torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                probe.accumulator.add(x, histogram)
-        except Exception as exc:
-            self._hook_failed(probe, exc)
-
-    def _start_layer(self, probe: _Probe, act_input: torch.Tensor | None) -> LayerAccumulator:
-        axis = probe.axis_override
-        if self._tracer.active and act_input is not None:
-            found = self._tracer.producer_of(act_input, exclude=probe.module_name)
-            if axis is None and found is not None:
-                axis = feature_axis_of(found[1])
-        if axis is None:
-            log.info(
-                "layer %r: the module producing its input is unknown, so its neurons are taken "
-                "on the last axis; pass feature_axis={%r: AXIS} to change that",
-                probe.layer,
-                probe.layer,
             )
-            axis = -1
-        return LayerAccumulator(probe.config, axis, self.compile)
+    known = {p.base for p in probes} | {p.module_name for p in probes}
+    unknown_axes = set(axes) - known
+    if unknown_axes:
+        raise ConfigError(f"feature_axis names layers that are not watched: {sorted(unknown_axes)}")
+    return probes
 
-    def _hook_failed(self, probe: _Probe, exc: Exception) -> None:
-        self.engine.count_error(probe.layer)
-        if self.strict:
-            raise exc
-        if not probe.failed_once:
-            probe.failed_once = True
-            log.warning(
-                "layer %r: the neuronwatch hook failed; training goes on, further failures of "
-                "this layer are counted, not logged: %r",
-                probe.layer,
-                exc,
-            )
 
-    # -- flushing and reading -------------------------------------------------------------------
-
-    def step(self, steps: int = 1) -> None:
-        """Mark the end of a training step: flushes every ``flush_every`` steps and closes the
-        window every ``window`` steps."""
-        self._steps += steps
-        self.engine.advance(steps)
-        if self.window and self._steps % self.window == 0:
-            self.rollover()
-        elif self._steps % self.flush_every == 0:
-            self.flush()
-
-    def flush(self) -> Snapshot:
-        """Copy the device partials into the engine (one host sync) and publish a snapshot."""
-        with self._flush_lock:
-            for probe in self._probes:
-                if probe.accumulator is None:
-                    continue
-                partials = probe.accumulator.drain()
-                if partials is not None:
-                    self.engine.update(probe.layer, partials)
-            self._latest = self.engine.snapshot()
-            return self._latest
-
-    def rollover(self) -> None:
-        """Flush, then close the engine's current window."""
-        self.flush()
-        self.engine.rollover()
-        self._latest = self.engine.snapshot()
-
-    @property
-    def latest(self) -> Snapshot | None:
-        """The snapshot published at the last flush, for exporters: never touches a device."""
-        return self._latest
-
-    def snapshot(self) -> Snapshot:
-        """Flush now and return a fresh snapshot."""
-        return self.flush()
-
-    def report(self, window: str = "auto", meta: Mapping[str, Any] | None = None) -> Report:
-        """Flush now and judge every layer over ``window`` (``auto``: the last complete window,
-        or the lifetime totals before the first rollover)."""
-        return Report.from_snapshot(self.flush(), window, meta)
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def watch(
     model: nn.Module,
     *,
     layers: Iterable[str] | None = None,
+    inputs: Iterable[str] | Mapping[str, str | None] | None = None,
     pre: bool = False,
     every: int = 1,
     flush_every: int = DEFAULT_FLUSH_EVERY,
+    flush_interval: float | None = None,
     window: int | None = None,
     name: str | None = None,
+    mask: MaskSpec = "attention_mask",
     feature_axis: Mapping[str, int] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     histogram_every: int = DEFAULT_HISTOGRAM_EVERY,
+    per_call_site: bool = True,
     compile: bool = True,
     strict: bool = False,
     **defaults: Any,
-) -> TorchMonitor:
-    """Watch the activations of ``model``.
+) -> Monitor:
+    """Watch the activations of ``model``; returns a :class:`~neuronwatch.Monitor`.
 
     - ``layers``: module names or globs; default: every activation module (ReLU ... Sigmoid,
-      Hugging Face activation classes). ``pre=True`` also watches each activation's input.
-    - ``every=k`` watches one forward pass in ``k``; ``flush_every`` steps between host copies;
-      ``window`` steps per window (``None``: close windows yourself with ``rollover()``).
+      Hugging Face activation classes) and the functional feed-forward activation of every
+      ``nn.TransformerEncoderLayer``/``DecoderLayer`` (layer ``<block>.activation``).
+    - ``inputs``: modules whose *input* features are the neurons (an activation applied as a
+      function before them, e.g. ``inputs=["*.mlp.fc2"]``), as names/globs, or a mapping to
+      the activation's name (``{"*.fc2": "gelu"}``); layers ``<module>:input``.
+    - ``pre=True`` also watches each activation's input (layers ``<module>:pre``).
+    - A module called n times in one forward gives n layers: ``relu``, ``relu#2``, ...
+      (``per_call_site=False`` pools them into one).
+    - ``every=k`` watches one forward in ``k``; ``flush_every`` steps between flushes;
+      ``window`` steps per window (``None``: close windows yourself with ``rollover()``);
+      ``flush_interval`` seconds: a process that never calls ``step()`` (serving) publishes
+      ``latest`` at most this often, from the thread that ran the forward.
+    - ``mask``: rows at masked (padding) positions are left out of every statistic. The default
+      reads the forward's ``attention_mask`` argument (``[batch, tokens]``, non-zero on real
+      tokens, the Hugging Face convention); pass another argument name, a function
+      ``(module, args, kwargs) -> mask``, or ``None`` to count every row.
     - ``feature_axis``: per-layer neuron axis when the producing module cannot be identified.
     - ``overrides``: per-layer settings by name or glob; ``defaults`` (``min_rows``,
       ``asleep_below``, ``tau``, ...) apply to every layer.
@@ -351,47 +663,41 @@ def watch(
     - ``compile``: fuse the reductions with ``torch.compile``, falling back to eager ops if the
       compiler is unavailable. ``strict=True`` raises hook failures instead of counting them.
     """
-    for arg, value in (
-        ("every", every),
-        ("flush_every", flush_every),
-        ("histogram_every", histogram_every),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{arg} must be a positive integer, got {value!r}")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ConfigError(f"window must be a positive number of steps or None, got {window!r}")
+    for arg, value in (("every", every), ("histogram_every", histogram_every)):
+        _positive(arg, value)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"watch() takes a torch.nn.Module, got {type(model).__name__}")
+    if mask is not None and not (isinstance(mask, str) or callable(mask)):
+        raise ConfigError(
+            f"mask must be an argument name, a function (module, args, kwargs) -> mask, or "
+            f"None; got {mask!r}"
+        )
     # torch.compile wraps the model in an OptimizedModule whose names all start with
     # "_orig_mod."; hook the wrapped module so layer and parameter names match the user's model
     # and its state_dict.
     original = getattr(model, "_orig_mod", None)
+    compiled_model = isinstance(original, nn.Module)
     if isinstance(original, nn.Module):
         model = original
-    selected = _select(model, layers)
-    axes = dict(feature_axis or {})
+    probes = _probes(model, layers, inputs, pre, dict(feature_axis or {}))
     engine = Engine(name or type(model).__name__, overrides=overrides, **defaults)
-    modules = dict(model.named_modules())
-    probes: list[_Probe] = []
-    for module_name in selected:
-        module = modules[module_name]
-        activation = type(module).__name__
-        kinds: list[tuple[str, str, str | None]] = [("post", module_name, activation)]
-        if pre:
-            kinds.append(("pre", f"{module_name}:pre", None))
-        for kind, layer, act in kinds:
-            config = engine.add_layer(layer, act, kind)
-            axis = axes.get(layer, axes.get(module_name))
-            probes.append(_Probe(layer, module_name, module, config, axis))
-    unknown_axes = set(axes) - {p.layer for p in probes} - {p.module_name for p in probes}
-    if unknown_axes:
-        raise ConfigError(f"feature_axis names layers that are not watched: {sorted(unknown_axes)}")
-    return TorchMonitor(
+    monitor = Monitor(engine, flush_every=flush_every, window=window, flush_interval=flush_interval)
+    for probe in probes:
+        if not probe.infer_activation:
+            config = engine.add_layer(probe.base, probe.activation, probe.kind, probe.params)
+            probe.sites.append(_Site(probe.base, config))
+    source = TorchSource(
         model,
-        engine,
+        monitor,
         probes,
         every=every,
-        flush_every=flush_every,
-        window=window,
         histogram_every=histogram_every,
         compile=compile,
         strict=strict,
+        mask=mask,
+        per_call_site=per_call_site,
+        # Dynamo traces through hooks; a TorchFunctionMode inside its trace is not worth the risk.
+        trace_functions=not compiled_model,
     )
+    monitor.attach(source)
+    return monitor

@@ -2,7 +2,7 @@
 
 Every statistic comes out of one pass over the activation: with ``torch.compile`` (inductor) the
 reductions fuse into one kernel, ~0.17 ms for a [1024, 1024] fp32 activation on 2 CPU cores
-against ~2.6 ms as separate eager reductions (DESIGN §7, ``bench/overhead.py``). Nothing here
+against ~2.6 ms as separate eager reductions (``bench/overhead.py``). Nothing here
 reads a tensor value on the host: buffers stay on the activation's device until
 :meth:`LayerAccumulator.drain`.
 """
@@ -18,15 +18,27 @@ import torch
 from numpy.typing import NDArray
 
 from neuronwatch.config import LayerConfig
-from neuronwatch.partials import Partials
+from neuronwatch.partials import FIELDS, Partials
 
-__all__ = ["LayerAccumulator", "histogram_eager", "reduce_eager"]
+__all__ = [
+    "BUFFER_FIELDS",
+    "LayerAccumulator",
+    "fit_mask",
+    "histogram_eager",
+    "reduce_eager",
+    "reduce_masked_eager",
+]
 
 log = logging.getLogger(__name__)
 
 Buffers = tuple[torch.Tensor, ...]
-# The Partials fields the buffers hold, in order (the histogram is kept apart as "above" counts).
-BUFFER_FIELDS = ("fired", "saturated", "nonfinite", "abs_sum", "sum", "max", "min")
+# The per-neuron Partials fields a runtime reduces, in declaration order; the reduction
+# functions below return their buffers in this order. The histogram is kept apart as "above"
+# counts, and host-side fields (last_fired_step) are the engine's business.
+BUFFER_FIELDS: tuple[str, ...] = tuple(
+    name for name, spec in FIELDS.items() if spec.per == "neuron" and not spec.on_host
+)
+assert BUFFER_FIELDS == ("fired", "saturated", "nonfinite", "abs_sum", "sum", "max", "min")
 
 # A call's counts are summed in int32 when they cannot reach 2**31 (fewer rows, or values for
 # the histogram) and then added to the int64 buffers: the same results, but half-width integer
@@ -69,7 +81,9 @@ def reduce_eager(
 
     Functional (returns new tensors) so that the compiled version needs no input mutation.
     Thresholds arrive as 0-d tensors so changing them never triggers a recompile. ``count`` is
-    the type of this call's counts (see :func:`count_dtype`); the buffers stay int64.
+    the type of this call's counts (see :func:`count_dtype`); the buffers stay int64. The
+    buffers are the per-neuron :data:`~neuronwatch.partials.FIELDS`, in :data:`BUFFER_FIELDS`
+    order.
     """
     fired, saturated, nonfinite, abs_sum, total, high_water, low_water = buffers
     x = _working(x)
@@ -86,8 +100,42 @@ def reduce_eager(
     return fired, saturated, nonfinite, abs_sum, total, high_water, low_water
 
 
+def reduce_masked_eager(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    buffers: Buffers,
+    rows: torch.Tensor,
+    threshold: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    dims: tuple[int, ...],
+    count: torch.dtype = torch.int64,
+) -> tuple[Buffers, torch.Tensor]:
+    """:func:`reduce_eager` over the rows where ``mask`` (bool, broadcastable to ``x`` with a
+    1 on the feature axis) is true; pad rows touch no statistic. Also returns ``rows`` plus
+    the number of rows kept, counted on the device (no host sync)."""
+    fired, saturated, nonfinite, abs_sum, total, high_water, low_water = buffers
+    x = _working(x)
+    finite = torch.isfinite(x)
+    valid = finite & mask
+    zeroed = torch.where(valid, x, 0.0)
+    fired = fired + ((zeroed > threshold) & valid).sum(dims, dtype=count)
+    saturated = saturated + (((zeroed < low) | (zeroed > high)) & valid).sum(dims, dtype=count)
+    nonfinite = nonfinite + ((~finite) & mask).sum(dims, dtype=count)
+    abs_sum = abs_sum + zeroed.abs().sum(dims).to(abs_sum.dtype)
+    total = total + zeroed.sum(dims).to(total.dtype)
+    high_water = torch.maximum(high_water, torch.where(valid, x, float("-inf")).amax(dims))
+    low_water = torch.minimum(low_water, torch.where(valid, x, float("inf")).amin(dims))
+    rows = rows + mask.sum(dtype=torch.int64)
+    return (fired, saturated, nonfinite, abs_sum, total, high_water, low_water), rows
+
+
 def histogram_compiled_form(
-    x: torch.Tensor, above: torch.Tensor, edges: torch.Tensor, count: torch.dtype = torch.int64
+    x: torch.Tensor,
+    above: torch.Tensor,
+    edges: torch.Tensor,
+    count: torch.dtype = torch.int64,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``above[j]`` += number of finite values ``> edges[j]`` (``edges[0]`` is ``-inf``).
 
@@ -97,20 +145,26 @@ def histogram_compiled_form(
     with an accumulator per edge, where the ``[n, edges]`` broadcast form reads it once per edge.
     """
     x = _working(x)
-    x = torch.where(torch.isfinite(x), x, float("-inf"))
+    keep = torch.isfinite(x) if mask is None else torch.isfinite(x) & mask
+    x = torch.where(keep, x, float("-inf"))
     counts = [(x > edges[j]).sum(dtype=count) for j in range(edges.shape[0])]
     return above + torch.stack(counts)
 
 
 def histogram_eager(
-    x: torch.Tensor, above: torch.Tensor, edges: torch.Tensor, count: torch.dtype = torch.int64
+    x: torch.Tensor,
+    above: torch.Tensor,
+    edges: torch.Tensor,
+    count: torch.dtype = torch.int64,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as :func:`histogram_compiled_form` without the ``[n, edges]`` temporary
     (``count`` only mirrors its signature: ``bincount`` always counts in int64)."""
-    x = _working(x).reshape(-1)
-    # Non-finite values go to -inf, i.e. bucket 0, which no "above" entry counts (cheaper than
-    # dropping them with a boolean mask).
-    x = torch.where(torch.isfinite(x), x, float("-inf"))
+    x = _working(x)
+    # Non-finite values (and pad rows) go to -inf, i.e. bucket 0, which no "above" entry counts
+    # (cheaper than dropping them with a boolean mask).
+    keep = torch.isfinite(x) if mask is None else torch.isfinite(x) & mask
+    x = torch.where(keep, x, float("-inf")).reshape(-1)
     # bucketize(right=False): index i with edges[i-1] < x <= edges[i]; edges[0] = -inf.
     counts = torch.bincount(torch.bucketize(x, edges), minlength=edges.numel() + 1)
     # counts[i] for i >= 1 is the bin (edges[i-1], edges[i]]; "above edge j" is a suffix sum.
@@ -126,42 +180,77 @@ def bins_from_above(above: NDArray[np.int64]) -> NDArray[np.int64]:
 _compiled: dict[str, Callable[..., Any]] = {}
 
 
-def _compiled_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
-    # One compiled object per function for the whole process: dynamic shapes serve every layer
-    # width, batch and sequence size from the same graph.
-    if not _compiled:
-        _compiled["reduce"] = torch.compile(reduce_eager, dynamic=True)
-        _compiled["histogram"] = torch.compile(histogram_compiled_form, dynamic=True)
-    return _compiled["reduce"], _compiled["histogram"]
+def compiled(name: str) -> Callable[..., Any]:
+    """The process-wide compiled form of ``reduce``, ``reduce_masked`` or ``histogram``.
+
+    One compiled object per function for the whole process: dynamic shapes serve every layer
+    width, batch and sequence size from the same graph, and every monitor shares it.
+    """
+    if name not in _compiled:
+        forms: dict[str, Callable[..., Any]] = {
+            "reduce": reduce_eager,
+            "reduce_masked": reduce_masked_eager,
+            "histogram": histogram_compiled_form,
+        }
+        _compiled[name] = torch.compile(forms[name], dynamic=True)
+    return _compiled[name]
+
+
+_EAGER: dict[str, Callable[..., Any]] = {
+    "reduce": reduce_eager,
+    "reduce_masked": reduce_masked_eager,
+    "histogram": histogram_eager,
+}
+
+
+def fit_mask(mask: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """``mask`` (bool ``[B, T]``, true on real tokens) shaped to broadcast over ``x`` with the
+    neurons on ``axis``, or ``None`` when the rows of ``x`` are not the mask's positions."""
+    rows_shape = x.shape[:axis] + x.shape[axis + 1 :]
+    if tuple(rows_shape) == tuple(mask.shape):
+        return mask.unsqueeze(axis)
+    if x.dim() == 2 and x.shape[1 - axis] == mask.numel():  # tokens flattened to [B*T, F]
+        return mask.reshape(-1, 1) if axis == 1 else mask.reshape(1, -1)
+    return None
 
 
 class LayerAccumulator:
-    """Device buffers of one layer, allocated at the first activation it sees."""
+    """Device buffers of one layer, allocated at the first activation it sees.
+
+    The buffers hold the per-neuron fields of :data:`~neuronwatch.partials.FIELDS` that a
+    runtime reduces (:data:`BUFFER_FIELDS`), each starting at its declared identity, plus the
+    histogram kept as "count above each edge". Rows are counted on the host from shapes, except
+    for masked calls, whose kept rows are counted on the device.
+    """
 
     def __init__(self, config: LayerConfig, feature_axis: int, compile: bool) -> None:
         self.config = config
         self.feature_axis = feature_axis
         self.compile = compile
         self.rows = 0
+        self._masked_rows: torch.Tensor | None = None
         self._buffers: Buffers | None = None
         self._above: torch.Tensor | None = None
         self._consts: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
+    @property
+    def neurons(self) -> int | None:
+        return None if self._buffers is None else int(self._buffers[0].shape[0])
+
     def _allocate(self, device: torch.device, neurons: int) -> None:
         # float64 sums and extrema where the device has them (MPS does not).
         wide = torch.float32 if device.type == "mps" else torch.float64
-        self._buffers = (
-            torch.zeros(neurons, dtype=torch.int64, device=device),
-            torch.zeros(neurons, dtype=torch.int64, device=device),
-            torch.zeros(neurons, dtype=torch.int64, device=device),
-            torch.zeros(neurons, dtype=wide, device=device),
-            torch.zeros(neurons, dtype=wide, device=device),
-            torch.full((neurons,), float("-inf"), dtype=wide, device=device),
-            torch.full((neurons,), float("inf"), dtype=wide, device=device),
+        dtypes = {np.int64: torch.int64, np.float64: wide}
+        self._buffers = tuple(
+            torch.full(
+                (neurons,), FIELDS[name].identity, dtype=dtypes[FIELDS[name].dtype], device=device
+            )
+            for name in BUFFER_FIELDS
         )
         self._above = torch.zeros(
             len(self.config.histogram_edges) + 1, dtype=torch.int64, device=device
         )
+        self._masked_rows = None
 
     def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Thresholds and edges as 0-d/1-d tensors in the working precision.
@@ -184,11 +273,27 @@ class LayerAccumulator:
             )
         return self._consts[key]
 
-    def add(self, x: torch.Tensor, with_histogram: bool) -> None:
-        """Accumulate one activation tensor (hot path: no host sync, no value-dependent branch)."""
+    def axis_of(self, x: torch.Tensor) -> int:
+        """The neuron axis of ``x`` as a non-negative index (raises if out of range)."""
+        if not -x.dim() <= self.feature_axis < x.dim():
+            raise ValueError(
+                f"layer {self.config.name!r}: feature axis {self.feature_axis} does not exist in "
+                f"an activation of shape {tuple(x.shape)}; pass feature_axis"
+            )
+        return self.feature_axis % x.dim()
+
+    def add(self, x: torch.Tensor, with_histogram: bool, mask: torch.Tensor | None = None) -> bool:
+        """Accumulate one activation tensor (hot path: no host sync, no value-dependent branch).
+
+        ``mask`` is the forward's ``[batch, tokens]`` row mask (true on real tokens); it is
+        applied when the rows of ``x`` are those positions (see :func:`fit_mask`). Returns
+        whether it was applied.
+        """
         if x.dim() == 1:  # one unbatched row; torch's sum over dims=() would reduce everything
             x = x.unsqueeze(0)
-        axis = self.feature_axis % x.dim()
+        axis = self.axis_of(x)
+        if mask is not None:
+            mask = fit_mask(mask, x, axis)
         neurons = x.shape[axis]
         if self._buffers is None:
             self._allocate(x.device, neurons)
@@ -202,21 +307,23 @@ class LayerAccumulator:
             )
         rows = x.numel() // neurons if neurons else 0
         if rows == 0:
-            return
+            return mask is not None
         dims = tuple(d for d in range(x.dim()) if d != axis)
         working = torch.float64 if x.dtype == torch.float64 else torch.float32
         threshold, low, high, edges = self._constants(working, x.device)
-        reduce_fn, histogram_fn = (
-            _compiled_functions() if self.compile else (reduce_eager, histogram_eager)
-        )
         x = x.detach()
         count = count_dtype(rows)
         try:
-            new_buffers = reduce_fn(x, buffers, threshold, low, high, dims, count)
-            new_above = (
-                histogram_fn(x, above_edges, edges, count_dtype(x.numel()))
-                if with_histogram
-                else above_edges
+            self._reduce(
+                x,
+                mask,
+                buffers,
+                above_edges,
+                (threshold, low, high, edges),
+                dims,
+                count,
+                with_histogram,
+                rows,
             )
         except Exception as exc:
             if not self.compile:
@@ -228,21 +335,68 @@ class LayerAccumulator:
                 "layer %r: torch.compile failed, using eager reductions: %r", self.config.name, exc
             )
             self.compile = False
-            new_buffers = reduce_eager(x, buffers, threshold, low, high, dims, count)
-            new_above = histogram_eager(x, above_edges, edges) if with_histogram else above_edges
+            self._reduce(
+                x,
+                mask,
+                buffers,
+                above_edges,
+                (threshold, low, high, edges),
+                dims,
+                count,
+                with_histogram,
+                rows,
+            )
+        return mask is not None
+
+    def _reduce(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        buffers: Buffers,
+        above_edges: torch.Tensor,
+        constants: tuple[torch.Tensor, ...],
+        dims: tuple[int, ...],
+        count: torch.dtype,
+        with_histogram: bool,
+        rows: int,
+    ) -> None:
+        # Results are assigned only once every call succeeded, so a failure leaves the
+        # buffers as they were and the call can be redone.
+        fn = compiled if self.compile else _EAGER.__getitem__
+        threshold, low, high, edges = constants
+        masked_rows = self._masked_rows
+        if mask is None:
+            new_buffers = fn("reduce")(x, buffers, threshold, low, high, dims, count)
+        else:
+            if masked_rows is None:
+                masked_rows = torch.zeros((), dtype=torch.int64, device=x.device)
+            new_buffers, masked_rows = fn("reduce_masked")(
+                x, mask, buffers, masked_rows, threshold, low, high, dims, count
+            )
+        new_above = (
+            fn("histogram")(x, above_edges, edges, count_dtype(x.numel()), mask)
+            if with_histogram
+            else above_edges
+        )
         self._buffers, self._above = new_buffers, new_above
-        self.rows += rows
+        if mask is None:
+            self.rows += rows
+        else:
+            self._masked_rows = masked_rows
 
     def drain(self) -> Partials | None:
         """Copy the buffers to the host as :class:`Partials` and reset them (a sync point)."""
-        if self._buffers is None or self._above is None or self.rows == 0:
+        if self._buffers is None or self._above is None:
             return None
-        host = [buffer.cpu().numpy() for buffer in self._buffers]
-        partials = Partials.from_arrays(
-            rows=self.rows,
-            histogram=bins_from_above(self._above.cpu().numpy()),
-            **dict(zip(BUFFER_FIELDS, host, strict=True)),
-        )
+        rows = self.rows + (0 if self._masked_rows is None else int(self._masked_rows))
+        if rows == 0 and self._masked_rows is None:
+            return None
+        host: dict[str, Any] = {
+            name: buffer.cpu().numpy()
+            for name, buffer in zip(BUFFER_FIELDS, self._buffers, strict=True)
+        }
+        host["histogram"] = bins_from_above(self._above.cpu().numpy())
+        partials = Partials.from_arrays(rows=rows, **host)
         neurons = partials.neurons
         device = self._buffers[0].device
         self.rows = 0

@@ -1,28 +1,72 @@
-"""Discover wiring by tensor identity in one traced forward pass (never from module names).
+"""Discover wiring and neuron axes by tensor identity in one traced forward (never from names).
 
-During the traced pass every leaf module records which tensor objects it read and which it
-returned. The module that produced an activation's input is the last one that returned that very
-tensor; its consumers are the modules that later read the activation's output. Dropout, Identity
-and per-channel affine layers (BatchNorm, LayerNorm) are walked through.
+During the traced forward every leaf module records, in call order, which tensor objects it
+read and which it returned; elementwise activation *functions* (``F.relu``, ``torch.tanh``, ...)
+are recorded the same way through a ``TorchFunctionMode``, so functional activations are seen
+too. The module that produced an activation's input is found by walking back from that tensor
+through calls made *before* the activation's own call: Dropout variants, Identity, in-place ops
+and functional activations are walked through, per-channel norms are walked through and their
+parameters recorded, and the first Linear/Conv/Embedding found produces the neurons. Consumers
+are found by walking forward from the activation's output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from neuronwatch.wiring import ParamRef, Wiring
 
-__all__ = ["WiringTracer", "consumer_params", "feature_axis_of", "producer_params"]
+__all__ = [
+    "ACTIVATION_FUNCTIONS",
+    "WiringTracer",
+    "consumer_params",
+    "feature_axis_of",
+    "producer_params",
+]
+
+log = logging.getLogger(__name__)
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+_INSTANCE_NORM = nn.modules.instancenorm._InstanceNorm
+_PER_CHANNEL = (_BATCH_NORM, nn.LayerNorm, nn.GroupNorm, _INSTANCE_NORM)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# Elementwise activation functions (and their in-place forms) -> activation class name.
+ACTIVATION_FUNCTIONS: dict[Callable[..., Any], str] = {
+    torch.relu: "ReLU",
+    torch.relu_: "ReLU",
+    torch.nn.functional.relu: "ReLU",
+    torch.nn.functional.relu_: "ReLU",
+    torch.nn.functional.relu6: "ReLU6",
+    torch.nn.functional.hardtanh: "Hardtanh",
+    torch.nn.functional.leaky_relu: "LeakyReLU",
+    torch.nn.functional.prelu: "PReLU",
+    torch.nn.functional.elu: "ELU",
+    torch.nn.functional.selu: "SELU",
+    torch.nn.functional.celu: "CELU",
+    torch.nn.functional.gelu: "GELU",
+    torch.nn.functional.silu: "SiLU",
+    torch.nn.functional.mish: "Mish",
+    torch.nn.functional.hardswish: "Hardswish",
+    torch.nn.functional.softplus: "Softplus",
+    torch.tanh: "Tanh",
+    torch.sigmoid: "Sigmoid",
+    torch.nn.functional.hardsigmoid: "Hardsigmoid",
+    torch.Tensor.relu: "ReLU",
+    torch.Tensor.relu_: "ReLU",
+    torch.Tensor.tanh: "Tanh",
+    torch.Tensor.sigmoid: "Sigmoid",
+}
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -31,15 +75,25 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def feature_axis_of(module: nn.Module) -> int | None:
-    """Axis of the module's output that indexes neurons, or ``None`` if unknown."""
+    """Axis of the module's output that indexes neurons, or ``None`` if unknown.
+
+    Convolutions and instance norms give the channel axis counted from the end (``-3`` for 2-D
+    maps), which is right for batched ``[B, C, H, W]`` and unbatched ``[C, H, W]`` inputs alike;
+    BatchNorm and GroupNorm always see a batch, so their channels are axis 1.
+    """
     if isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm) or _is_hf_conv1d(module):
         return -1
-    if isinstance(module, _CONV + _CONV_T + (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+    if isinstance(module, _CONV + _CONV_T):
+        return -(len(module.kernel_size) + 1)
+    if isinstance(module, _INSTANCE_NORM):
+        spatial = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+        return -(spatial.get(type(module), 2) + 1)
+    if isinstance(module, _BATCH_NORM | nn.GroupNorm):
         return 1
     return None
 
 
-def _params(prefix: str, module: nn.Module, axes: dict[str, int]) -> list[ParamRef]:
+def _params(prefix: str, module: nn.Module, axes: Mapping[str, int]) -> list[ParamRef]:
     refs = []
     for pname, param in module.named_parameters(recurse=False):
         if pname in axes and param is not None:
@@ -86,23 +140,56 @@ def _tensors(values: Iterable[Any]) -> list[torch.Tensor]:
     return found
 
 
+def in_backward() -> bool:
+    """Whether the autograd engine is running a backward pass on this thread right now (as it
+    does when activation checkpointing recomputes a forward)."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
 @dataclass
-class _Call:
+class Call:
+    """One recorded call: a leaf module, or an activation function (``module`` is None)."""
+
     order: int
     name: str
-    module: nn.Module
+    module: nn.Module | None
     inputs: list[int]
     outputs: list[int]
+    function: str | None = None  # activation class name of a recorded function
+
+
+class _FunctionRecorder(TorchFunctionMode):
+    """Records calls of elementwise activation functions while the trace runs."""
+
+    def __init__(self, tracer: WiringTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        result = func(*args, **(kwargs or {}))
+        activation = ACTIVATION_FUNCTIONS.get(func)
+        if activation is not None and args and isinstance(args[0], torch.Tensor):
+            self.tracer.record_function(activation, args[0], result)
+        return result
 
 
 @dataclass
 class WiringTracer:
-    """Records leaf-module calls of one forward pass; hooks live only while tracing."""
+    """Records the calls of one forward pass; its hooks live only while it records."""
 
     model: nn.Module
-    calls: list[_Call] = field(default_factory=list)
+    functions: bool = True
+    calls: list[Call] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
     _keep: list[torch.Tensor] = field(default_factory=list)  # ids stay unique while traced
+    _mode: _FunctionRecorder | None = None
+    _thread: int | None = None
 
     @property
     def active(self) -> bool:
@@ -112,70 +199,217 @@ class WiringTracer:
     def hooks(self) -> int:
         return len(self._handles)
 
+    @property
+    def claimed(self) -> bool:
+        return self._thread is not None
+
+    def claim(self) -> None:
+        """Record only this thread's calls from now on (the thread of the traced forward)."""
+        self._thread = threading.get_ident()
+
     def start(self) -> None:
-        self.stop()
+        """Hook every leaf module from now on; calls of any thread are recorded until
+        :meth:`claim`."""
+        self.clear()
         try:
             for name, module in self.model.named_modules():
                 if next(module.children(), None) is None:
                     self._handles.append(module.register_forward_hook(self._recorder(name)))
         except BaseException:
-            self.stop()
+            self.clear()
             raise
 
+    def enter_functions(self) -> None:
+        """Record activation functions until :meth:`exit_functions` (one forward's span)."""
+        if not self.functions or self._mode is not None or not self.active:
+            return
+        mode = _FunctionRecorder(self)
+        try:
+            mode.__enter__()  # type: ignore[no-untyped-call]
+        except Exception as exc:  # a tracing context that refuses modes: modules only
+            log.debug("activation functions are not traced: %r", exc)
+            return
+        self._mode = mode
+
+    def exit_functions(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            try:
+                mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            except Exception as exc:  # another mode pushed on top and left there
+                log.debug("could not leave the function recorder: %r", exc)
+
     def stop(self) -> None:
+        self.exit_functions()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def clear(self) -> None:
-        self.stop()
+    def reset(self) -> None:
+        """Forget what was recorded, keep recording (and unclaim)."""
+        self.exit_functions()
         self.calls.clear()
         self._keep.clear()
+        self._thread = None
+
+    def clear(self) -> None:
+        self.stop()
+        self.reset()
+
+    def _recording(self) -> bool:
+        # Recomputation under activation checkpointing, and other threads, are not this
+        # forward's calls.
+        thread = self._thread
+        return (thread is None or thread == threading.get_ident()) and not in_backward()
 
     def _recorder(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._recording():
+                return
             inputs = _tensors(args)
             outputs = _tensors([output])
             self._keep.extend(inputs + outputs)
             self.calls.append(
-                _Call(
+                Call(
                     len(self.calls), name, module, [id(t) for t in inputs], [id(t) for t in outputs]
                 )
             )
 
         return record
 
-    def producer_of(self, tensor: torch.Tensor, exclude: str) -> tuple[str, nn.Module] | None:
-        """The latest module (other than ``exclude``) that returned this very tensor."""
-        for call in reversed(self.calls):
-            if call.name != exclude and id(tensor) in call.outputs:
-                return call.name, call.module
+    def record_function(self, activation: str, x: torch.Tensor, result: Any) -> None:
+        if not self._recording():
+            return
+        outputs = _tensors([result])
+        self._keep.extend([x, *outputs])
+        self.calls.append(
+            Call(
+                len(self.calls),
+                f"<{activation}>",
+                None,
+                [id(x)],
+                [id(t) for t in outputs],
+                function=activation,
+            )
+        )
+
+    # -- walking ----------------------------------------------------------------------------------
+
+    def _producer_call(self, tensor_id: int, before: int) -> Call | None:
+        for call in reversed(self.calls[:before]):
+            if tensor_id in call.outputs:
+                return call
         return None
 
-    def wiring_for(self, activation: str, act_input: torch.Tensor, feature_axis: int) -> Wiring:
-        """Walk back from the activation's input and forward from its output."""
-        produces: list[ParamRef] = []
-        producer: str | None = None
-        current: int | None = id(act_input)
-        exclude = activation
+    def calls_of(self, module: nn.Module) -> list[Call]:
+        return [call for call in self.calls if call.module is module]
+
+    def walk_back(
+        self, tensor: torch.Tensor, before: int | None = None
+    ) -> tuple[list[Call], Call | None]:
+        """Walk from ``tensor`` back through pass-through calls made before ``before``.
+
+        Returns the calls walked through (pass-through modules, per-channel norms, activation
+        functions) and the call that ended the walk (a producer, or any other module), or
+        ``None`` when the tensor came from no recorded call.
+        """
+        walked: list[Call] = []
+        current: int | None = id(tensor)
+        limit = len(self.calls) if before is None else before
         while current is not None:
-            found = next(
-                (c for c in reversed(self.calls) if c.name != exclude and current in c.outputs),
-                None,
-            )
+            found = self._producer_call(current, limit)
             if found is None:
-                break
-            producer = found.name
-            refs = producer_params(found.name, found.module)
-            if refs is not None:
-                produces.extend(refs)
-                break
-            if isinstance(found.module, _PER_CHANNEL):
-                produces.extend(_params(found.name, found.module, {"weight": 0, "bias": 0}))
-            elif not isinstance(found.module, _PASS_THROUGH):
-                break
-            exclude, current = found.name, (found.inputs[0] if found.inputs else None)
-        consumer, consumes = self._consumers(activation)
+                return walked, None
+            module = found.module
+            if module is not None and (
+                producer_params(found.name, module) is not None
+                or not isinstance(module, _PASS_THROUGH + _PER_CHANNEL)
+            ):
+                return walked, found
+            walked.append(found)
+            limit, current = found.order, (found.inputs[0] if found.inputs else None)
+        return walked, None
+
+    def feature_axis(self, tensor: torch.Tensor, before: int | None = None) -> int | None:
+        """The neuron axis of ``tensor``: that of the first module with a known axis found
+        walking back through pass-through modules, or ``None``."""
+        walked, end = self.walk_back(tensor, before)
+        for call in [*walked, end]:
+            if call is not None and call.module is not None:
+                axis = feature_axis_of(call.module)
+                if axis is not None:
+                    return axis
+        return None
+
+    def function_before(self, tensor: torch.Tensor, before: int | None = None) -> str | None:
+        """The activation function that produced ``tensor`` (through pass-through modules)."""
+        walked, _ = self.walk_back(tensor, before)
+        return next((call.function for call in walked if call.function), None)
+
+    def producer(
+        self, tensor: torch.Tensor, before: int | None
+    ) -> tuple[str | None, list[ParamRef]]:
+        walked, end = self.walk_back(tensor, before)
+        refs: list[ParamRef] = []
+        producer: str | None = None
+        for call in walked:
+            if call.module is not None and isinstance(call.module, _PER_CHANNEL):
+                refs.extend(_per_channel_params(call.name, call.module))
+                producer = call.name
+        if end is not None and end.module is not None:
+            found = producer_params(end.name, end.module)
+            if found is not None:
+                return end.name, refs + found
+        return producer, refs
+
+    def consumers(self, outputs: Iterable[int], after: int) -> tuple[str | None, list[ParamRef]]:
+        """Modules reading the tensors ``outputs`` (or what pass-through calls made of them)
+        in calls after ``after``."""
+        frontier = set(outputs)
+        consumer: str | None = None
+        refs: list[ParamRef] = []
+        for call in self.calls[after + 1 :]:
+            if not frontier.intersection(call.inputs):
+                continue
+            module = call.module
+            if module is None:
+                continue  # an activation function applied to our neurons: not a consumer
+            found = consumer_params(call.name, module)
+            if found is not None:
+                consumer = consumer or call.name
+                refs.extend(found)
+            elif isinstance(module, _PASS_THROUGH + _PER_CHANNEL):
+                if isinstance(module, _PER_CHANNEL):
+                    refs.extend(_per_channel_params(call.name, module))
+                frontier.update(call.outputs)
+        return consumer, refs
+
+    def wiring_for(
+        self,
+        module: nn.Module,
+        call_index: int,
+        watched_input: torch.Tensor,
+        feature_axis: int,
+        consumes_itself: bool = False,
+    ) -> Wiring:
+        """Wiring of the ``call_index``-th call of ``module``, whose neurons are
+        ``watched_input`` (an activation's input, or a module's watched input).
+
+        ``consumes_itself``: the neurons are the input of ``module`` (``inputs=`` layers), so
+        ``module`` consumes them; otherwise its outputs are followed to the consumers.
+        """
+        own = self.calls_of(module)
+        call = own[call_index] if call_index < len(own) else None
+        before = call.order if call is not None else None
+        producer, produces = self.producer(watched_input, before)
+        consumer: str | None = None
+        consumes: list[ParamRef] = []
+        if call is not None:
+            direct = consumer_params(call.name, module) if consumes_itself else None
+            if direct is not None:
+                consumer, consumes = call.name, direct
+            elif not consumes_itself:
+                consumer, consumes = self.consumers(call.outputs, call.order)
         return Wiring(
             feature_axis=feature_axis,
             producer=producer,
@@ -184,22 +418,26 @@ class WiringTracer:
             consumes=tuple(consumes),
         )
 
-    def _consumers(self, activation: str) -> tuple[str | None, list[ParamRef]]:
-        own = [c for c in self.calls if c.name == activation]
-        if not own or not own[0].outputs:
-            return None, []
-        frontier, start = {own[0].outputs[0]}, own[0].order
-        consumer: str | None = None
-        refs: list[ParamRef] = []
-        for call in self.calls[start + 1 :]:
-            if not frontier.intersection(call.inputs):
+    def unwatched_functions(self, watched: set[int]) -> list[tuple[str, str]]:
+        """Activation functions whose output reaches a Linear/Conv (through pass-through
+        modules) without being watched: ``(function, consumer)`` pairs, in call order."""
+        found: list[tuple[str, str]] = []
+        for call in self.calls:
+            if call.function is None or watched.intersection(call.outputs):
                 continue
-            found = consumer_params(call.name, call.module)
-            if found is not None:
-                consumer = consumer or call.name
-                refs.extend(found)
-            elif isinstance(call.module, _PASS_THROUGH + _PER_CHANNEL):
-                if isinstance(call.module, _PER_CHANNEL):
-                    refs.extend(_params(call.name, call.module, {"weight": 0, "bias": 0}))
-                frontier.update(call.outputs)
-        return consumer, refs
+            frontier = set(call.outputs)
+            for later in self.calls[call.order + 1 :]:
+                if not frontier.intersection(later.inputs) or later.module is None:
+                    continue
+                if watched.intersection(later.inputs):
+                    break
+                if consumer_params(later.name, later.module) is not None:
+                    found.append((call.function, later.name))
+                    break
+                if isinstance(later.module, _PASS_THROUGH):
+                    frontier.update(later.outputs)
+        return found
+
+
+def _per_channel_params(name: str, module: nn.Module) -> list[ParamRef]:
+    return _params(name, module, {"weight": 0, "bias": 0})

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._version import __version__
 from .config import LayerConfig
@@ -20,26 +20,26 @@ from .errors import (
     ShapeError,
 )
 from .families import Family, family_of
+from .monitor import ActivationSource, Monitor, SnapshotSource
 from .partials import Partials
 from .report import Report
 from .snapshot import Snapshot
+from .states import STATES, State
 from .stats import LayerStats
 from .wiring import ParamRef, Wiring
 
 # adapters/ and exporters/ sit beside this package in a checkout and are installed into it as
-# neuronwatch.adapters / neuronwatch.exporters (DESIGN §4). Python run from the repository root
-# imports this source tree ahead of any installed copy, so give it the same two subpackages;
+# neuronwatch.adapters / neuronwatch.exporters (docs/architecture.md). Python run from the
+# repository root imports this source tree ahead of any installed copy, so give it the same two
+# subpackages;
 # otherwise `neuronwatch.watch` fails there with "No module named 'neuronwatch.adapters'".
 _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "adapters" / "torch.py").is_file():
     __path__.append(str(_checkout))
 
-if TYPE_CHECKING:
-    # adapters/ installs as neuronwatch.adapters through setuptools' package-dir, which mypy
-    # cannot follow from the source tree.
-    from neuronwatch.adapters.torch import TorchMonitor  # type: ignore[import-not-found]
-
 __all__ = [
+    "STATES",
+    "ActivationSource",
     "ConfigError",
     "Engine",
     "Family",
@@ -47,6 +47,7 @@ __all__ = [
     "LayerStats",
     "MergeError",
     "MissingExtraError",
+    "Monitor",
     "NeuronwatchError",
     "ParamRef",
     "Partials",
@@ -54,6 +55,8 @@ __all__ = [
     "ReportError",
     "ShapeError",
     "Snapshot",
+    "SnapshotSource",
+    "State",
     "Wiring",
     "__version__",
     "family_of",
@@ -61,7 +64,7 @@ __all__ = [
 ]
 
 
-def watch(model: Any, **options: Any) -> TorchMonitor:
+def watch(model: Any, **options: Any) -> Monitor:
     """Watch a ``torch.nn.Module``'s activations; see :func:`neuronwatch.adapters.torch.watch`.
 
     >>> with neuronwatch.watch(model) as monitor:   # doctest: +SKIP
@@ -69,10 +72,15 @@ def watch(model: Any, **options: Any) -> TorchMonitor:
     ...     monitor.report().save("runs/latest")
     """
     try:
-        from neuronwatch.adapters.torch import watch as torch_watch
+        # adapters/ installs as neuronwatch.adapters through setuptools' package-dir, which
+        # mypy cannot follow from the source tree.
+        from neuronwatch.adapters.torch import (  # type: ignore[import-not-found]
+            watch as torch_watch,
+        )
     except ImportError as exc:
         if exc.name != "torch":
             raise
         raise MissingExtraError("torch", "torch") from exc
 
-    return torch_watch(model, **options)
+    monitor: Monitor = torch_watch(model, **options)
+    return monitor

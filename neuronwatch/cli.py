@@ -19,7 +19,7 @@ from rich.console import Console
 
 from . import render
 from ._version import __version__
-from .errors import ConfigError, NeuronwatchError, ReportError
+from .errors import NeuronwatchError
 from .report import Report
 
 __all__ = ["main"]
@@ -31,15 +31,10 @@ DEFAULT_DEMO_OUT = Path("neuronwatch-demo")
 
 @contextmanager
 def domain_errors() -> Iterator[None]:
-    """Turn neuronwatch's errors into click errors; their messages already carry the fix.
-
-    Bad input (a wrong report directory, an out-of-range setting) is a usage error (exit 2);
-    anything else, such as a missing extra, is a plain failure (exit 1).
-    """
+    """Turn neuronwatch's errors into one line on stderr and a non-zero exit, no traceback;
+    their messages already name the file or argument and the fix."""
     try:
         yield
-    except (ReportError, ConfigError) as exc:
-        raise click.UsageError(str(exc)) from exc
     except NeuronwatchError as exc:
         raise click.ClickException(str(exc)) from exc
 

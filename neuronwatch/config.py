@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .families import family_of
+from .families import FAMILIES, activation_settings, family_of
 from .partials import DEFAULT_HISTOGRAM_EDGES
 
 __all__ = ["DEFAULT_ASLEEP_BELOW", "DEFAULT_MIN_ROWS", "DEFAULT_TAU", "Kind", "LayerConfig"]
@@ -43,6 +44,10 @@ class LayerConfig:
 
     def __post_init__(self) -> None:
         where = f"layer {self.name!r}"
+        if self.family not in FAMILIES:
+            raise ConfigError(
+                f"{where}: unknown activation family {self.family!r}; known: {sorted(FAMILIES)}"
+            )
         if self.kind not in KINDS:
             raise ConfigError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
         if not math.isfinite(self.fire_threshold):
@@ -74,11 +79,23 @@ class LayerConfig:
     def saturates(self) -> bool:
         return math.isfinite(self.saturation_low) or math.isfinite(self.saturation_high)
 
+    @property
+    def can_die(self) -> bool:
+        """Whether a never-firing neuron of this layer is *dead* (no gradient below the
+        threshold) rather than *leaking*; decided by the family."""
+        return FAMILIES[self.family].can_die
+
     @classmethod
     def for_activation(
-        cls, name: str, activation: str | None = None, kind: str = "post", **overrides: Any
+        cls,
+        name: str,
+        activation: str | None = None,
+        kind: str = "post",
+        params: Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> LayerConfig:
-        """Defaults of ``activation``'s family, then ``overrides`` (any field of this class).
+        """Defaults of ``activation``'s family, then what its own ``params`` imply (ReLU6's
+        ``max_val``, ELU's ``alpha``), then ``overrides`` (any field of this class).
 
         >>> LayerConfig.for_activation("mlp.act", "GELU").fire_threshold
         0.001
@@ -93,7 +110,9 @@ class LayerConfig:
             saturation_low=family.saturation_low,
             saturation_high=family.saturation_high,
         )
-        return base.with_overrides(**overrides)
+        return base.with_overrides(
+            **activation_settings(activation, **(params or {}))
+        ).with_overrides(**overrides)
 
     def with_overrides(self, **overrides: Any) -> LayerConfig:
         unknown = set(overrides) - set(self.__dataclass_fields__)

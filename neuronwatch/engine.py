@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from numpy.typing import ArrayLike
 
 from .config import LayerConfig
@@ -63,9 +64,15 @@ class Engine:
     # -- layers ---------------------------------------------------------------------------------
 
     def add_layer(
-        self, name: str, activation: str | None = None, kind: str = "post", **settings: Any
+        self,
+        name: str,
+        activation: str | None = None,
+        kind: str = "post",
+        params: Mapping[str, Any] | None = None,
+        **settings: Any,
     ) -> LayerConfig:
-        """Declare a layer: family defaults of ``activation``, then engine defaults, then the
+        """Declare a layer: family defaults of ``activation``, then what the activation's own
+        ``params`` imply (ReLU6's ``max_val``, ELU's ``alpha``), then engine defaults, then the
         matching ``overrides`` patterns, then ``settings``. Re-adding an identical layer is a
         no-op; a different one is an error."""
         values = dict(self._defaults)
@@ -73,7 +80,7 @@ class Engine:
             if fnmatch.fnmatchcase(name, pattern):
                 values.update(pattern_values)
         values.update(settings)
-        config = LayerConfig.for_activation(name, activation, kind, **values)
+        config = LayerConfig.for_activation(name, activation, kind, params, **values)
         with self._lock:
             known = self._configs.get(name)
             if known is not None and known != config:
@@ -118,7 +125,12 @@ class Engine:
         self.update(layer, reduce_rows(as_rows(array, feature_axis, layer), config))
 
     def update(self, layer: str, partials: Partials) -> None:
-        """Merge partials an adapter reduced in its own runtime into ``layer``'s windows."""
+        """Merge partials an adapter reduced in its own runtime into ``layer``'s windows.
+
+        ``last_fired_step`` is stamped here with the engine's current step for every neuron
+        that fired in ``partials`` (merged by max with whatever the partials carry), so it costs
+        the adapters nothing.
+        """
         config = self.config(layer)
         bins = histogram_bins(config.histogram_edges)
         if partials.histogram.size != bins:
@@ -133,14 +145,15 @@ class Engine:
                     "is feature_axis right?"
                 )
             lifetime = self._lifetime.get(layer)
-            # Every stored Partials is the engine's own, read-only object: a merge makes new
-            # arrays and a first update is copied, so a caller reusing its arrays changes
-            # nothing here, and snapshots can share the objects without copying them.
-            first = partials.copy(readonly=True)
-            self._current[layer] = first if current is None else current.merged(partials).frozen()
-            self._lifetime[layer] = (
-                first if lifetime is None else lifetime.merged(partials).frozen()
-            )
+            stamp = np.where(partials.fired > 0, self._step, -1)
+            # Every stored Partials is the engine's own, read-only object: the stamped copy is
+            # made here, so a caller reusing its arrays changes nothing, and snapshots can
+            # share the objects without copying them.
+            first = partials.replace(
+                last_fired_step=np.maximum(partials.last_fired_step, stamp)
+            ).copy(readonly=True)
+            self._current[layer] = first if current is None else current.merged(first).frozen()
+            self._lifetime[layer] = first if lifetime is None else lifetime.merged(first).frozen()
 
     def advance(self, steps: int = 1) -> int:
         """Count training steps (for snapshots); returns the new step."""
@@ -148,8 +161,15 @@ class Engine:
             self._step += steps
             return self._step
 
-    def rollover(self) -> None:
-        """Close the current window: it becomes the last complete one and a new one starts."""
+    def rollover(self, windows: int = 1) -> None:
+        """Close the current window: it becomes the last complete one and a new one starts.
+
+        ``windows > 1`` says the closed window spans that many window boundaries (a
+        ``step(k)`` that crossed several): the count of completed windows moves by that much,
+        while the rows, which cannot be split after the fact, stay in the one window closed.
+        """
+        if windows < 1:
+            raise ConfigError(f"windows must be >= 1, got {windows}")
         with self._lock:
             self._last = {
                 name: self._current.get(name)
@@ -160,7 +180,7 @@ class Engine:
                 if name in self._lifetime
             }
             self._current = {}
-            self._windows_completed += 1
+            self._windows_completed += windows
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -1,14 +1,24 @@
-"""Activation families and the defaults that follow from them (DESIGN §2).
+"""Activation families and the defaults that follow from them (see ``docs/vocabulary.md``).
 
-A *family* decides what "fires" means and whether "saturated" applies:
+A *family* decides what "fires" means, whether a never-firing neuron is *dead* or only
+*leaking*, and whether *saturated* applies. *Dead* means the unit passes no gradient on any row
+of the window, so it is only possible where the region below the fire threshold is flat:
 
-- ``relu``: piecewise-linear units with a hard zero region; a neuron fires when its value is
-  ``> 0``. Dead neurons are exact zeros here.
-- ``smooth``: GELU, SiLU, Mish, ...; values are almost never exactly zero, so a neuron fires at
-  ``> 1e-3`` and *dormant* (ReDo) is the notion that matters.
-- ``tanh`` / ``sigmoid``: bounded units; they fire like smooth ones and are *saturated* when
-  every value sits in the flat region (``|tanh| > 0.99``; ``sigmoid < 0.01 or > 0.99``).
-- ``generic``: anything else (a user-named Linear, an unknown callable): fires at ``> 0``.
+- ``relu``: ReLU, ReLU6, Hardtanh, squared ReLU. Fires at ``> 0`` (Hardtanh: above its lower
+  bound); never firing is **dead**. ReLU6 and Hardtanh saturate on their upper plateau.
+- ``leaky``: LeakyReLU, PReLU, RReLU. Fires at ``> 0``; never firing is **leaking**: the negative
+  slope still passes gradient, so the neuron can recover.
+- ``elu``: ELU, SELU, CELU. Like ``leaky``, and **saturated** on the negative plateau (the value
+  is within 1 % of ``-alpha`` (``-scale*alpha`` for SELU), where the gradient is < 1 % of its
+  linear-region value).
+- ``smooth``: GELU, SiLU, Mish, Hardswish, Softplus, Hugging Face GELUs. Values are almost never
+  exactly zero, so a neuron fires at ``> 1e-3``; never firing is **leaking** (the negative lobe
+  passes gradient) and *dormant* (ReDo) is the notion that matters.
+- ``tanh`` / ``sigmoid``: bounded units; fire like smooth ones, never firing is **leaking**, and
+  they are **saturated** when every value sits in the flat region (``|tanh| > 0.99``;
+  ``sigmoid < 0.01 or > 0.99``).
+- ``generic``: anything else (a user-named Linear, an unknown callable): fires at ``> 0`` and,
+  since nothing is known about its gradient, never firing is called dead.
 
 Activations are matched by class name so that no framework has to be imported to classify them
 (Hugging Face's ``NewGELUActivation`` is recognised without importing ``transformers``).
@@ -18,8 +28,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ACTIVATION_CLASSES", "FAMILIES", "Family", "family_of"]
+import numpy as np
+
+__all__ = [
+    "ACTIVATION_CLASSES",
+    "FAMILIES",
+    "Family",
+    "activation_settings",
+    "family_of",
+    "flat_above",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +48,9 @@ class Family:
 
     name: str
     fire_threshold: float
+    # A neuron that never fires is dead when this holds (flat region below the threshold),
+    # leaking otherwise.
+    can_die: bool
     # The flat region is ``value < saturation_low or value > saturation_high``; infinite bounds
     # (the default) mean the family cannot saturate.
     saturation_low: float = -math.inf
@@ -38,25 +61,32 @@ class Family:
         return math.isfinite(self.saturation_low) or math.isfinite(self.saturation_high)
 
 
+# Within 1 % of a plateau the gradient of tanh, sigmoid and the ELUs is below ~1-2 % of its peak.
+PLATEAU_MARGIN = 0.01
+
 FAMILIES: dict[str, Family] = {
-    "relu": Family("relu", 0.0),
-    "smooth": Family("smooth", 1e-3),
-    "tanh": Family("tanh", 1e-3, -0.99, 0.99),
-    "sigmoid": Family("sigmoid", 1e-3, 0.01, 0.99),
-    "generic": Family("generic", 0.0),
+    "relu": Family("relu", 0.0, can_die=True),
+    "leaky": Family("leaky", 0.0, can_die=False),
+    "elu": Family("elu", 0.0, can_die=False, saturation_low=-(1.0 - PLATEAU_MARGIN)),
+    "smooth": Family("smooth", 1e-3, can_die=False),
+    "tanh": Family("tanh", 1e-3, False, -(1.0 - PLATEAU_MARGIN), 1.0 - PLATEAU_MARGIN),
+    "sigmoid": Family("sigmoid", 1e-3, False, PLATEAU_MARGIN, 1.0 - PLATEAU_MARGIN),
+    "generic": Family("generic", 0.0, can_die=True),
 }
 
 # Class names (torch.nn and transformers.activations) and functional names -> family.
 ACTIVATION_CLASSES: dict[str, str] = {
-    # torch.nn, ReLU family
+    # torch.nn, flat floor: can die
     "ReLU": "relu",
     "ReLU6": "relu",
-    "LeakyReLU": "relu",
-    "PReLU": "relu",
-    "RReLU": "relu",
-    "ELU": "relu",
-    "SELU": "relu",
-    "CELU": "relu",
+    "Hardtanh": "relu",
+    # torch.nn, leaky
+    "LeakyReLU": "leaky",
+    "PReLU": "leaky",
+    "RReLU": "leaky",
+    "ELU": "elu",
+    "SELU": "elu",
+    "CELU": "elu",
     # torch.nn, smooth
     "GELU": "smooth",
     "SiLU": "smooth",
@@ -66,6 +96,7 @@ ACTIVATION_CLASSES: dict[str, str] = {
     # torch.nn, bounded
     "Tanh": "tanh",
     "Sigmoid": "sigmoid",
+    "Hardsigmoid": "sigmoid",
     # transformers.activations
     "GELUActivation": "smooth",
     "NewGELUActivation": "smooth",
@@ -85,9 +116,11 @@ ACTIVATION_CLASSES: dict[str, str] = {
 _ALIASES: dict[str, str] = {
     "relu": "ReLU",
     "relu6": "ReLU6",
+    "hardtanh": "Hardtanh",
     "leaky_relu": "LeakyReLU",
     "leakyrelu": "LeakyReLU",
     "prelu": "PReLU",
+    "rrelu": "RReLU",
     "elu": "ELU",
     "selu": "SELU",
     "celu": "CELU",
@@ -97,10 +130,20 @@ _ALIASES: dict[str, str] = {
     "swish": "SiLU",
     "mish": "Mish",
     "hardswish": "Hardswish",
+    "hardsigmoid": "Hardsigmoid",
     "softplus": "Softplus",
     "tanh": "Tanh",
     "sigmoid": "Sigmoid",
 }
+
+# SELU's fixed constants (Klambauer et al. 2017), as torch.nn.SELU uses them.
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+
+
+def canonical(activation: str) -> str:
+    """The class name of an activation given by class name or alias (``"gelu"`` -> ``GELU``)."""
+    return _ALIASES.get(activation.lower(), activation)
 
 
 def family_of(activation: str | None) -> Family:
@@ -113,5 +156,35 @@ def family_of(activation: str | None) -> Family:
     """
     if activation is None:
         return FAMILIES["generic"]
-    cls = _ALIASES.get(activation.lower(), activation)
-    return FAMILIES[ACTIVATION_CLASSES.get(cls, "generic")]
+    return FAMILIES[ACTIVATION_CLASSES.get(canonical(activation), "generic")]
+
+
+def flat_above(bound: float) -> float:
+    """The largest float32 below ``bound``: ``value > flat_above(b)`` holds exactly for the
+    values a clamp at ``b`` outputs on its plateau (``value >= b``), in float32 and float64."""
+    return float(np.nextafter(np.float32(bound), np.float32(-np.inf)))
+
+
+def activation_settings(activation: str | None, **params: Any) -> dict[str, float]:
+    """Per-layer thresholds that depend on an activation's own parameters.
+
+    Adapters pass what they read off the module or node (``max_val`` of ReLU6/Hardtanh,
+    ``alpha`` of ELU/CELU); missing parameters take the framework defaults.
+
+    >>> activation_settings("ReLU6")["saturation_high"] < 6.0
+    True
+    """
+    if activation is None:
+        return {}
+    name = canonical(activation)
+    if name in ("ReLU6", "Hardtanh"):
+        low = float(params.get("min_val", 0.0 if name == "ReLU6" else -1.0))
+        high = float(params.get("max_val", 6.0 if name == "ReLU6" else 1.0))
+        # The lower plateau is the "off" region (no gradient); the upper one is saturation.
+        return {"fire_threshold": low, "saturation_high": flat_above(high)}
+    if name in ("ELU", "CELU"):
+        alpha = float(params.get("alpha", 1.0))
+        return {"saturation_low": -(1.0 - PLATEAU_MARGIN) * abs(alpha)}
+    if name == "SELU":
+        return {"saturation_low": -(1.0 - PLATEAU_MARGIN) * SELU_ALPHA * SELU_SCALE}
+    return {}

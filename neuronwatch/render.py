@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import Report
+from .states import FIRING_STATES, OVERLAY_STATES, State
 from .stats import LayerStats
 
 __all__ = [
@@ -34,17 +35,23 @@ BAR_WIDTH = 12
 # Stacked bar segments, in drawing order. Each state has its own character as well as its own
 # colour, so the bar still reads without colour (pipes, NO_COLOR); unknown neurons are "?" so
 # they are never mistaken for alive ones.
-_SEGMENTS: tuple[tuple[str, str, str], ...] = (
-    ("active", "█", "green"),
-    ("asleep", "▒", "yellow"),
-    ("dead", "░", "red"),
-    ("unknown", "?", "magenta"),
+_SEGMENTS: tuple[tuple[State, str, str], ...] = (
+    (State.ACTIVE, "█", "green"),
+    (State.ASLEEP, "▒", "yellow"),
+    (State.LEAKING, "▓", "cyan"),
+    (State.DEAD, "░", "red"),
+    (State.UNKNOWN, "?", "magenta"),
 )
-_STATE_COLUMNS: tuple[str, ...] = ("dead", "asleep", "active", "dormant", "saturated")
+assert {state for state, _, _ in _SEGMENTS} == set(FIRING_STATES)
+# Unknown gets its own column only when a layer has unknown neurons.
+_STATE_COLUMNS: tuple[State, ...] = (
+    *(state for state in FIRING_STATES if state is not State.UNKNOWN),
+    *OVERLAY_STATES,
+)
 
 
 def _unknown(stats: LayerStats) -> int:
-    return stats.neurons - stats.count("known")
+    return stats.count(State.UNKNOWN)
 
 
 def _percent(count: int, total: int) -> str:
@@ -76,9 +83,7 @@ def _cells(counts: Iterable[int], width: int) -> list[int]:
 
 def liveness_bar(stats: LayerStats, width: int = BAR_WIDTH) -> Text:
     """A stacked bar of the layer's active / asleep / dead / unknown neurons."""
-    counts = [
-        _unknown(stats) if state == "unknown" else stats.count(state) for state, _, _ in _SEGMENTS
-    ]
+    counts = [stats.count(state) for state, _, _ in _SEGMENTS]
     bar = Text()
     for (_, char, style), cells in zip(_SEGMENTS, _cells(counts, width), strict=True):
         bar.append(char * cells, style=style)
@@ -89,7 +94,7 @@ def _legend() -> Text:
     legend = Text("bar: ", style="dim")
     for state, char, style in _SEGMENTS:
         legend.append(char, style=style)
-        legend.append(f" {state}  ", style="dim")
+        legend.append(f" {state.value}  ", style="dim")
     return legend
 
 
@@ -121,7 +126,7 @@ def report_table(report: Report) -> Table:
     table.add_column("layer", overflow="fold", min_width=8)
     for column in ("kind", "activation"):
         table.add_column(column, overflow="fold")
-    for column in ("neurons", "rows", *_STATE_COLUMNS):
+    for column in ("neurons", "rows", *(state.value for state in _STATE_COLUMNS)):
         table.add_column(column, justify="right", overflow="fold")
     if show_unknown:
         table.add_column("unknown", justify="right", overflow="fold", style="bold magenta")
@@ -179,39 +184,54 @@ def report_view(report: Report) -> Group:
 
 
 def comparison_table(reports: Mapping[str, Report]) -> Table:
-    """Dead neurons per layer side by side, one column per labelled report (e.g. one per
-    activation function), with totals, test accuracy and active-parameter ratio."""
-    table = Table(title="dead neurons, last window", box=box.SIMPLE_HEAD, pad_edge=False)
+    """Dead and leaking (never fired, gradient still flows) neurons per layer side by side, two
+    columns per labelled report (e.g. one per activation function), with totals, test accuracy
+    and active-parameter ratio."""
+    table = Table(title="never fired in the last window", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", no_wrap=True)
     for label in reports:
-        table.add_column(label, justify="right")
+        table.add_column(f"{label}\ndead", justify="right")
+        table.add_column(f"{label}\nleaking", justify="right")
     names: list[str] = []
     for report in reports.values():
         names += [name for name in report.layers if name not in names]
 
-    def dead_cell(report: Report, name: str) -> str:
+    def cells(report: Report, name: str) -> list[str]:
         stats = report.layers.get(name)
         if stats is None:
-            return "-"
-        if _unknown(stats):
-            return f"{_count_cell(stats.count('dead'), stats.neurons)} ({_unknown(stats)} unknown)"
-        return _count_cell(stats.count("dead"), stats.neurons)
+            return ["-", "-"]
+        unknown = f" ({_unknown(stats)} unknown)" if _unknown(stats) else ""
+        return [
+            _count_cell(stats.count(State.DEAD), stats.neurons) + unknown,
+            _count_cell(stats.count(State.LEAKING), stats.neurons),
+        ]
 
     for name in names:
-        table.add_row(name, *(dead_cell(report, name) for report in reports.values()))
+        table.add_row(name, *(cell for report in reports.values() for cell in cells(report, name)))
     table.add_section()
     table.add_row(
         "total",
-        *(_count_cell(r.count("dead"), r.neurons) for r in reports.values()),
+        *(
+            _count_cell(r.count(state), r.neurons)
+            for r in reports.values()
+            for state in (State.DEAD, State.LEAKING)
+        ),
         style="bold",
     )
+
+    def spanning(values: list[str]) -> list[str]:
+        return [cell for value in values for cell in (value, "")]
+
     accuracies = [r.meta.get("test_accuracy") for r in reports.values()]
     if any(a is not None for a in accuracies):
         table.add_row(
-            "test accuracy", *(f"{100 * a:.1f}%" if a is not None else "-" for a in accuracies)
+            "test accuracy",
+            *spanning([f"{100 * a:.1f}%" if a is not None else "-" for a in accuracies]),
         )
     ratios = [r.active_parameter_ratio() for r in reports.values()]
-    table.add_row("active-parameter ratio", *(f"{r:.3f}" if r is not None else "-" for r in ratios))
+    table.add_row(
+        "active-parameter ratio", *spanning([f"{r:.3f}" if r is not None else "-" for r in ratios])
+    )
     return table
 
 

@@ -1,9 +1,11 @@
-"""Reports: one window of one model, saved as ``report.json`` (summary) + ``report.npz``
-(per-neuron arrays), loaded back exactly, merged across shards or runs."""
+"""Reports: one window of one model, judged, saved as ``report.json`` (summary) + ``report.npz``
+(per-neuron arrays), loaded back exactly, merged across shards or runs.
+
+Saving and loading live in :mod:`neuronwatch.report_files`; this module holds the numbers.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping
@@ -13,37 +15,28 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ._version import __version__
-from .atomic import atomic_writer, write_text_atomic
-from .config import LayerConfig
-from .errors import MergeError, ReportError
-from .partials import FIELD_RULES, Partials
-from .snapshot import Snapshot
+from .errors import MergeError
+from .jsonmeta import meta_key, normalize_meta
+from .snapshot import Snapshot, steps_silent
+from .states import STATES, State
 from .stats import FREQUENCY_EDGES, LayerStats, active_parameter_ratio, summarize
 from .wiring import Wiring
 
-__all__ = ["SCHEMA_VERSION", "STATES", "Report"]
+__all__ = ["SCHEMA_VERSION", "Report"]
 
-SCHEMA_VERSION = 1
-STATES: tuple[str, ...] = ("dead", "asleep", "active", "dormant", "saturated")
-JSON_NAME = "report.json"
-NPZ_NAME = "report.npz"
-# Derived per-neuron arrays saved beside the partials for users who read the npz directly.
-# State masks are named "is_<state>" so that "saturated" (a mask) never collides with the
-# partials field "saturated" (a count).
-_DERIVED = {
-    "frequency": "frequency",
-    "mean_abs": "mean_abs",
-    "dormancy": "dormancy",
-    "known": "is_known",
-    **{state: f"is_{state}" for state in STATES},
-}
+SCHEMA_VERSION = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Report:
     """Every monitored layer of one model judged over one window.
+
+    ``meta`` holds JSON-compatible values (numpy scalars and paths are converted; anything
+    else raises and names the key). ``==`` compares models, windows, thresholds, partials,
+    wiring and meta exactly, so ``Report.load(d) == report`` after ``report.save(d)``.
 
     >>> report = monitor.report()          # doctest: +SKIP
     >>> report.save("runs/relu")           # doctest: +SKIP
@@ -58,24 +51,48 @@ class Report:
     meta: Mapping[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", MappingProxyType(normalize_meta(self.meta)))
+
     @classmethod
     def from_snapshot(
         cls, snapshot: Snapshot, window: str = "auto", meta: Mapping[str, Any] | None = None
     ) -> Report:
+        """The snapshot's ``window`` as a report.
+
+        ``last_fired_step`` is an age, not a count: every layer carries the lifetime value, so
+        a report of the last window still tells how long each neuron has been silent.
+        """
         name = snapshot.resolve_window(window)
+        lifetime = snapshot.windows["lifetime"]
+        layers = {
+            layer: stats
+            if layer not in lifetime or stats is lifetime[layer]
+            else summarize(
+                stats.config,
+                stats.partials.replace(
+                    last_fired_step=lifetime[layer].partials.last_fired_step
+                ).frozen(),
+            )
+            for layer, stats in snapshot.windows[name].items()
+        }
         return cls(
             model=snapshot.model,
             window=name,
             step=snapshot.step,
-            layers=snapshot.windows[name],
+            layers=MappingProxyType(layers),
             wiring=snapshot.wiring,
-            meta=MappingProxyType(dict(meta or {})),
+            meta=dict(meta or {}),
         )
 
     # -- numbers --------------------------------------------------------------------------------
 
-    def count(self, state: str) -> int:
+    def count(self, state: str | State) -> int:
         return sum(stats.count(state) for stats in self.layers.values())
+
+    def ratio(self, state: str | State) -> float:
+        neurons = self.neurons
+        return self.count(state) / neurons if neurons else 0.0
 
     @property
     def neurons(self) -> int:
@@ -84,13 +101,21 @@ class Report:
     def active_parameter_ratio(self) -> float | None:
         return active_parameter_ratio(self.wiring, self.layers)
 
+    def steps_silent(self, layer: str) -> NDArray[np.int64]:
+        """Per neuron, steps since it last fired as of this report's step (see Snapshot)."""
+        return steps_silent(self.layers[layer].partials.last_fired_step, self.step)
+
+    def silent(self, steps: int) -> dict[str, NDArray[np.intp]]:
+        """Indices of the neurons of each layer silent for at least ``steps`` steps."""
+        return {name: np.flatnonzero(self.steps_silent(name) >= steps) for name in self.layers}
+
     def summary(self) -> dict[str, Any]:
         """The JSON-ready summary that ``report.json`` holds (without per-neuron arrays)."""
         neurons = self.neurons
         totals: dict[str, Any] = {"layers": len(self.layers), "neurons": neurons}
         for state in STATES:
-            totals[state] = self.count(state)
-            totals[f"{state}_ratio"] = totals[state] / neurons if neurons else 0.0
+            totals[state.value] = self.count(state)
+            totals[f"{state.value}_ratio"] = self.ratio(state)
         totals["active_parameter_ratio"] = self.active_parameter_ratio()
         return {
             "schema_version": SCHEMA_VERSION,
@@ -115,11 +140,10 @@ class Report:
             "neurons": stats.neurons,
             "rows": stats.rows,
             "complete": stats.complete,
-            "unknown": stats.neurons - stats.count("known"),
         }
         for state in STATES:
-            entry[state] = stats.count(state)
-            entry[f"{state}_ratio"] = stats.ratio(state)
+            entry[state.value] = stats.count(state)
+            entry[f"{state.value}_ratio"] = stats.ratio(state)
         entry["nonfinite"] = int(stats.partials.nonfinite.sum())
         entry["dead_indices"] = stats.dead_indices.tolist()
         entry["frequency_distribution"] = {
@@ -135,80 +159,22 @@ class Report:
     def save(self, directory: str | Path) -> Path:
         """Write ``report.json`` and ``report.npz`` into ``directory`` (created if needed).
 
-        Each file is written to a temporary name and renamed, so an interrupted save leaves the
-        previous report intact.
+        Everything is serialised and checked before anything is replaced, and the JSON (which
+        carries the npz's checksum) is renamed into place last: a failed save leaves the
+        previous report as it was, and a crash between the two renames is caught by ``load``.
         """
-        out = Path(directory)
-        if out.exists() and not out.is_dir():
-            raise ReportError(f"{out} exists and is not a directory; pass a directory path")
-        out.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {}
-        for name, stats in self.layers.items():
-            arrays[f"{name}/rows"] = np.asarray(stats.rows, dtype=np.int64)
-            for key, array in stats.partials.arrays():
-                arrays[f"{name}/{key}"] = array
-            for attribute, key in _DERIVED.items():
-                arrays[f"{name}/{key}"] = getattr(stats, attribute)
+        from .report_files import save_report
 
-        with atomic_writer(out / NPZ_NAME) as handle:
-            np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]  # numpy stub quirk
-        write_text_atomic(out / JSON_NAME, json.dumps(self.summary(), indent=2) + "\n")
-        return out
+        return save_report(self, Path(directory))
 
     @classmethod
     def load(cls, directory: str | Path) -> Report:
-        """Load a saved report; the verdicts are recomputed from the partials and checked
-        against the summary, so a hand-edited or mismatched pair of files is caught."""
-        where = Path(directory)
-        json_path, npz_path = where / JSON_NAME, where / NPZ_NAME
-        for path in (json_path, npz_path):
-            if not path.is_file():
-                raise ReportError(
-                    f"{path} not found: a report directory holds {JSON_NAME} and {NPZ_NAME} "
-                    "(write one with monitor.report().save(DIR))"
-                )
-        try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{json_path} is not valid JSON: {exc}") from exc
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ReportError(
-                f"{json_path} has schema_version {version!r}; this neuronwatch reads "
-                f"{SCHEMA_VERSION} (upgrade neuronwatch to read newer reports)"
-            )
-        layers: dict[str, LayerStats] = {}
-        wiring: dict[str, Wiring] = {}
-        with np.load(npz_path) as npz:
-            for entry in data["layers"]:
-                name = entry["name"]
-                try:
-                    partials = Partials.from_arrays(
-                        rows=int(npz[f"{name}/rows"]),
-                        **{key: npz[f"{name}/{key}"] for key in FIELD_RULES},
-                    ).frozen()
-                except KeyError as exc:
-                    raise ReportError(f"{npz_path} lacks arrays of layer {name!r}: {exc}") from exc
-                stats = summarize(LayerConfig.from_json(entry["thresholds"]), partials)
-                for state in STATES:
-                    if stats.count(state) != entry[state]:
-                        raise ReportError(
-                            f"{where}: layer {name!r} says {entry[state]} {state} neurons in "
-                            f"{JSON_NAME} but {stats.count(state)} in {NPZ_NAME}; the two files "
-                            "do not belong together"
-                        )
-                layers[name] = stats
-                if entry.get("wiring") is not None:
-                    wiring[name] = Wiring.from_json(entry["wiring"])
-        return cls(
-            model=data["model"],
-            window=data["window"],
-            step=int(data["step"]),
-            layers=MappingProxyType(layers),
-            wiring=MappingProxyType(wiring),
-            meta=MappingProxyType(dict(data.get("meta", {}))),
-            created=float(data["created"]),
-        )
+        """Load a saved report; every malformed input raises :class:`ReportError` naming the
+        file and what is wrong. Verdicts are recomputed from the partials and checked against
+        the summary."""
+        from .report_files import load_report
+
+        return load_report(Path(directory))
 
     # -- merging --------------------------------------------------------------------------------
 
@@ -235,20 +201,26 @@ class Report:
             step=max(self.step, other.step),
             layers=MappingProxyType(layers),
             wiring=MappingProxyType(wiring),
-            meta=MappingProxyType({**other.meta, **self.meta}),
+            meta={**other.meta, **self.meta},
             created=max(self.created, other.created),
         )
 
     def equals(self, other: Report) -> bool:
-        """Same model, window, layers, thresholds, partials and wiring."""
+        """Same model, window, step, layers, thresholds, partials, wiring and meta."""
         return (
             (self.model, self.window, self.step) == (other.model, other.window, other.step)
-            and self.layers.keys() == other.layers.keys()
+            and list(self.layers) == list(other.layers)
             and all(
                 mine.config == other.layers[name].config
                 and mine.partials.equals(other.layers[name].partials)
                 for name, mine in self.layers.items()
             )
             and dict(self.wiring) == dict(other.wiring)
-            and math.isclose(self.created, other.created)
+            and meta_key(self.meta) == meta_key(other.meta)
+            and (self.created == other.created or math.isclose(self.created, other.created))
         )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Report) and self.equals(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking mappings inside

@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+from numpy.typing import NDArray
+
 from .errors import ConfigError
 from .stats import LayerStats, active_parameter_ratio
 from .wiring import Wiring
@@ -44,7 +47,32 @@ class Snapshot:
     def layers(self, window: str = "auto") -> Mapping[str, LayerStats]:
         return self.windows[self.resolve_window(window)]
 
+    def steps_silent(self, layer: str) -> NDArray[np.int64]:
+        """Per neuron of ``layer``, the steps since the last flush in which it fired (the whole
+        run's step count for a neuron that never fired), from the lifetime totals: no window
+        has to be chosen in advance."""
+        try:
+            stats = self.windows["lifetime"][layer]
+        except KeyError:
+            raise ConfigError(
+                f"no layer {layer!r} in this snapshot; layers: {sorted(self.windows['lifetime'])}"
+            ) from None
+        return steps_silent(stats.partials.last_fired_step, self.step)
+
+    def silent(self, steps: int) -> dict[str, NDArray[np.intp]]:
+        """Indices of the neurons of each layer that have not fired for at least ``steps``
+        steps, e.g. ``snapshot.silent(10_000)``."""
+        return {
+            name: np.flatnonzero(self.steps_silent(name) >= steps)
+            for name in self.windows["lifetime"]
+        }
+
     def active_parameter_ratio(self, window: str = "auto") -> float | None:
         """Parameters not attached to a dead neuron over all parameters wired to monitored
         layers; ``None`` when no wiring is known."""
         return active_parameter_ratio(self.wiring, self.layers(window))
+
+
+def steps_silent(last_fired_step: NDArray[np.int64], step: int) -> NDArray[np.int64]:
+    """``step - last_fired_step``, or ``step`` for neurons that never fired (-1)."""
+    return np.where(last_fired_step >= 0, step - last_fired_step, step).astype(np.int64)

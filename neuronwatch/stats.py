@@ -1,4 +1,4 @@
-"""Derived per-neuron statistics of one layer over one window (DESIGN §2).
+"""Derived per-neuron statistics of one layer over one window (``docs/vocabulary.md``).
 
 Everything here is a pure function of ``(LayerConfig, Partials)``: the same partials always give
 the same verdicts, which is what lets reports be reloaded, merged and re-judged exactly.
@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 
 from .config import LayerConfig
 from .partials import Partials
+from .states import State, parse_state
 from .wiring import Wiring, active_parameter_counts
 
 __all__ = ["FREQUENCY_EDGES", "LayerStats", "summarize"]
@@ -36,8 +37,9 @@ def _readonly(array: _Array) -> _Array:
 class LayerStats:
     """Verdicts and per-neuron arrays of one layer over one window. Arrays are read-only.
 
-    ``known`` is per neuron: the neuron's finite rows reached ``min_rows``. Unknown neurons are
-    never dead, asleep, active, dormant or saturated.
+    ``known`` is per neuron: the neuron's finite rows reached ``min_rows``. Every known neuron is
+    in exactly one firing state (dead, leaking, asleep, active); the others are unknown.
+    Dormant and saturated are overlays on known neurons (see :mod:`neuronwatch.states`).
     """
 
     config: LayerConfig
@@ -47,7 +49,9 @@ class LayerStats:
     mean_abs: NDArray[np.float64]
     dormancy: NDArray[np.float64]
     known: NDArray[np.bool_]
+    unknown: NDArray[np.bool_]
     dead: NDArray[np.bool_]
+    leaking: NDArray[np.bool_]
     asleep: NDArray[np.bool_]
     active: NDArray[np.bool_]
     dormant: NDArray[np.bool_]
@@ -74,12 +78,21 @@ class LayerStats:
         """Every neuron is known: the window reached ``min_rows`` finite rows everywhere."""
         return bool(self.known.all())
 
-    def count(self, state: str) -> int:
-        """Number of neurons in ``state`` (dead, asleep, active, dormant, saturated, known)."""
-        return int(getattr(self, state).sum())
+    def mask(self, state: str | State) -> NDArray[np.bool_]:
+        """Per-neuron mask of ``state`` (any name of :class:`~neuronwatch.states.State`)."""
+        mask: NDArray[np.bool_] = getattr(self, parse_state(state).value)
+        return mask
 
-    def ratio(self, state: str) -> float:
+    def count(self, state: str | State) -> int:
+        """Number of neurons in ``state``; an unknown name raises and lists the valid ones."""
+        return int(self.mask(state).sum())
+
+    def ratio(self, state: str | State) -> float:
+        """Share of the layer's neurons in ``state`` (0 for a layer of no neurons)."""
         return self.count(state) / self.neurons if self.neurons else 0.0
+
+    def indices(self, state: str | State) -> NDArray[np.intp]:
+        return np.flatnonzero(self.mask(state))
 
     @property
     def dead_indices(self) -> NDArray[np.intp]:
@@ -112,9 +125,12 @@ def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
     # ReDo score: a neuron's mean |a| over the layer's average mean |a|.
     layer_mean = float(mean_abs[has_rows].mean()) if has_rows.any() else 0.0
     dormancy = mean_abs / layer_mean if layer_mean > 0 else np.zeros_like(mean_abs)
-    dead = known & (partials.fired == 0)
-    asleep = known & ~dead & (frequency < config.asleep_below)
-    active = known & ~dead & ~asleep
+    never = known & (partials.fired == 0)
+    # Never firing is fatal only where the family passes no gradient below its threshold.
+    dead = never if config.can_die else np.zeros_like(never)
+    leaking = never & ~dead
+    asleep = known & ~never & (frequency < config.asleep_below)
+    active = known & ~never & ~asleep
     dormant = known & (dormancy <= config.tau)
     if config.saturates:
         saturated = known & (partials.saturated == finite_rows)
@@ -128,7 +144,9 @@ def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
         mean_abs=_readonly(mean_abs),
         dormancy=_readonly(dormancy),
         known=_readonly(known),
+        unknown=_readonly(~known),
         dead=_readonly(dead),
+        leaking=_readonly(leaking),
         asleep=_readonly(asleep),
         active=_readonly(active),
         dormant=_readonly(dormant),

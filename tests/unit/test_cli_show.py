@@ -55,10 +55,11 @@ def test_show_lists_every_layer_with_its_dead_count(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     for layer, (neurons, dead) in PLANTED.items():
-        # layer, kind, activation, neurons, rows, dead, asleep, active, dormant, saturated, bar
+        # layer, kind, activation, neurons, rows, dead, leaking, asleep, active, dormant,
+        # saturated, bar
         cells = row_of(result.output, layer)
-        assert cells[:6] == [layer, "post", "ReLU", str(neurons), str(ROWS), str(len(dead))]
-        assert cells[7] == str(neurons - len(dead))  # active
+        assert cells[:7] == [layer, "post", "ReLU", str(neurons), str(ROWS), str(len(dead)), "0"]
+        assert cells[8] == str(neurons - len(dead))  # active
     assert row_of(result.output, "total")[:3] == ["total", "96", "5"]
     assert "unknown" not in row_of(result.output, "layer")  # no unknown column when complete
 
@@ -89,7 +90,7 @@ def test_show_of_a_missing_directory_names_it(tmp_path: Path) -> None:
 def test_show_of_a_directory_without_a_report_says_what_is_missing(tmp_path: Path) -> None:
     result = show(str(tmp_path))
 
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert str(tmp_path / "report.json") in result.output
     assert "report.npz" in result.output  # the message says what a report directory holds
 
@@ -99,12 +100,12 @@ def test_show_says_unknown_instead_of_alive_below_min_rows(tmp_path: Path) -> No
     result = show(str(report_dir))
 
     assert result.exit_code == 0, result.output
-    assert row_of(result.output, "layer")[10] == "unknown"
+    assert row_of(result.output, "layer")[11] == "unknown"
     for layer, (neurons, _) in PLANTED.items():
         cells = row_of(result.output, layer)
-        # dead, asleep, active, dormant, saturated are all 0; the unknown column holds them all
-        assert cells[5:11] == ["0", "0", "0", "0", "0", str(neurons)]
-        assert cells[11] == "?" * render.BAR_WIDTH
+        # dead, leaking, asleep, active, dormant, saturated are all 0; unknown holds them all
+        assert cells[5:12] == ["0", "0", "0", "0", "0", "0", str(neurons)]
+        assert cells[12] == "?" * render.BAR_WIDTH
         assert f"{neurons} of {neurons} neurons are unknown" in result.output
     assert "needs min_rows=100" in result.output
     summary = json.loads(show(str(report_dir), "--json").stdout)

@@ -37,7 +37,7 @@ def test_watch_loads_torch_lazily() -> None:
         "print(type(m).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "TorchMonitor"
+    assert out.stdout.strip() == "Monitor"
 
 
 def test_a_source_checkout_provides_the_adapters() -> None:

@@ -53,7 +53,7 @@ def planted_mixed() -> Mixed:
         model.fc1.bias[3] = 50.0  # saturated tanh
         model.fc2.weight[:, 3] = 0.0  # ... whose constant output would shift every GELU input
         model.fc2.bias.zero_()
-        model.fc2.bias[[4, 9]] = -50.0  # dead, dormant GELU
+        model.fc2.bias[[4, 9]] = -50.0  # never-firing (leaking), dormant GELU
         model.fc3.bias[0] = -50.0  # saturated, dead sigmoid
     return model
 
@@ -172,10 +172,11 @@ def test_planted_verdicts_with_compile(compile: bool) -> None:
         layers = monitor.report().layers
     assert layers["cact"].dead_indices.tolist() == [2]
     assert np.flatnonzero(layers["tact"].saturated).tolist() == [3]
-    assert layers["gact"].dead_indices.tolist() == [4, 9]
+    assert layers["gact"].indices("leaking").tolist() == [4, 9]
     assert np.flatnonzero(layers["gact"].dormant).tolist() == [4, 9]
     assert np.flatnonzero(layers["sact"].saturated).tolist() == [0]
-    assert layers["sact"].dead_indices.tolist() == [0]
+    assert layers["sact"].count("dead") == 0
+    assert layers["sact"].indices("leaking").tolist() == [0]
 
 
 class Tap(nn.Module):

@@ -55,10 +55,10 @@ def test_context_manager_removes_every_hook() -> None:
     with neuronwatch.watch(model, compile=False, pre=True) as monitor:
         assert count_hooks(model) > 0  # the test can fail: hooks were really attached
         model(torch.randn(2, 4))
-        assert monitor.hooks == count_hooks(model)
+        assert monitor.sources[0].hooks == count_hooks(model)
     assert hook_state(model) == before
     assert count_hooks(model) == 0
-    assert monitor.hooks == 0
+    assert monitor.sources[0].hooks == 0
 
 
 def test_close_removes_every_hook_and_is_idempotent() -> None:
@@ -140,14 +140,15 @@ def test_exception_inside_the_traced_forward_removes_every_hook() -> None:
 def test_traced_hooks_do_not_pile_up_after_a_failed_traced_pass() -> None:
     model = Exploding()
     with neuronwatch.watch(model, compile=False) as monitor:
-        permanent = monitor.hooks  # root pre/post + one per watched layer
-        assert permanent == 3
+        source = monitor.sources[0]
+        permanent = source.hooks - len(list(model.modules())) + 1  # minus the tracer's leaves
+        assert permanent == 3  # root pre/post + one per watched layer
         with pytest.raises(ValueError, match="boom"):
             model(torch.randn(2, 4))
         model.explode = False
         model(torch.randn(2, 4))
         assert count_hooks(model) == permanent
-        assert monitor.hooks == permanent
+        assert source.hooks == permanent
         model(torch.randn(2, 4))
         assert count_hooks(model) == permanent
 
@@ -217,9 +218,22 @@ def test_non_tensor_output_is_counted_and_logged_once(caplog: pytest.LogCaptureF
     assert snapshot.errors == {"odd": 3}
     assert snapshot.layers("lifetime")["act"].rows == 15  # the healthy layer goes on
     assert "odd" not in snapshot.layers("lifetime")
-    records = warnings_from_neuronwatch(caplog)
-    assert len(records) == 1
-    assert "'odd'" in records[0].getMessage()
+    failures = [r for r in warnings_from_neuronwatch(caplog) if "hook failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "'odd'" in failures[0].getMessage()
+
+
+def test_a_module_called_twice_is_two_layers() -> None:
+    torch.manual_seed(0)
+    model = SharedActivation()
+    with neuronwatch.watch(model, compile=False, min_rows=1) as monitor:
+        for _ in range(4):
+            model(torch.randn(5, 4))
+        snapshot = monitor.snapshot()
+    assert snapshot.errors == {}
+    first, second = (snapshot.layers("lifetime")[n] for n in ("act", "act#2"))
+    assert (first.neurons, second.neurons) == (8, 6)
+    assert first.rows == second.rows == 20
 
 
 def test_changing_neuron_count_is_counted_and_logged_once(
@@ -230,7 +244,7 @@ def test_changing_neuron_count_is_counted_and_logged_once(
     model = SharedActivation()
     x = torch.randn(5, 4)
     expected = model(x)
-    with neuronwatch.watch(model, compile=False, min_rows=1) as monitor:
+    with neuronwatch.watch(model, compile=False, min_rows=1, per_call_site=False) as monitor:
         for _ in range(4):
             assert torch.equal(model(x), expected)
         snapshot = monitor.snapshot()
@@ -257,7 +271,7 @@ def test_strict_raises_a_changing_neuron_count() -> None:
     before = hook_state(model)
     with (
         pytest.raises(ValueError, match="neurons"),
-        neuronwatch.watch(model, compile=False, strict=True),
+        neuronwatch.watch(model, compile=False, strict=True, per_call_site=False),
     ):
         model(torch.randn(2, 4))
     assert hook_state(model) == before

@@ -150,7 +150,7 @@ def test_changing_batch_and_sequence_sizes() -> None:
         act = monitor.report().layers["act"]
     assert act.rows == sum(b * t for b, t in shapes)
     assert act.neurons == 32
-    assert act.dead_indices.tolist() == [1, 30]
+    assert act.indices("leaking").tolist() == [1, 30]
 
 
 def test_changing_spatial_sizes_in_a_conv_net() -> None:

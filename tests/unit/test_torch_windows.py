@@ -129,7 +129,7 @@ def test_below_min_rows_nothing_is_dead() -> None:
         assert act.rows == 600
         assert act.partials.fired[3] == 0
         assert act.count("dead") == 0
-        assert act.count("known") == 0
+        assert act.count("unknown") == act.neurons
         assert not act.complete
         assert report.count("dead") == 0
         assert report.summary()["layers"][0]["unknown"] == 4

@@ -139,14 +139,13 @@ def test_wiring_complete_after_the_first_traced_pass_failed() -> None:
 # -- Hugging Face GPT-2 ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gpt2() -> nn.Module:
+def make_gpt2(activation: str = "gelu_new") -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
-        bos_token_id=0, eos_token_id=0,
+        bos_token_id=0, eos_token_id=0, activation_function=activation,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.GPT2Model(config)
@@ -156,23 +155,41 @@ def gpt2() -> nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def gpt2() -> nn.Module:
+    return make_gpt2()
+
+
+def watch_gpt2(model: nn.Module) -> neuronwatch.Report:
+    with neuronwatch.watch(model, compile=False, min_rows=32) as monitor:
+        assert monitor.layers == ("h.0.mlp.act", "h.1.mlp.act")
+        with torch.no_grad():
+            for _ in range(4):
+                model(torch.randint(0, 100, (2, 8)))
+        return monitor.report()
+
+
 def test_gpt2_activations_found_automatically(gpt2: nn.Module) -> None:
     from neuronwatch.adapters.torch import find_activations
 
     assert find_activations(gpt2) == ["h.0.mlp.act", "h.1.mlp.act"]
     assert type(gpt2.h[0].mlp.act).__name__ == "NewGELUActivation"
-    with neuronwatch.watch(gpt2, compile=False, min_rows=32) as monitor:
-        assert monitor.layers == ("h.0.mlp.act", "h.1.mlp.act")
-        with torch.no_grad():
-            for _ in range(4):
-                gpt2(torch.randint(0, 100, (2, 8)))
-        report = monitor.report()
+    report = watch_gpt2(gpt2)
     first = report.layers["h.0.mlp.act"]
     assert first.config.activation == "NewGELUActivation"
     assert first.config.family == "smooth"
     assert first.rows == 4 * 2 * 8
     assert first.neurons == 256
-    assert first.dead_indices.tolist() == [0, 17, 255]
+    # GELU passes gradient below zero: the planted neurons never fire but are not dead.
+    assert first.indices("leaking").tolist() == [0, 17, 255]
+    assert report.layers["h.1.mlp.act"].indices("leaking").tolist() == [5]
+    assert report.count("dead") == 0
+    assert report.active_parameter_ratio() == 1.0
+
+
+def test_gpt2_relu_dead_parameters_counted_through_conv1d() -> None:
+    report = watch_gpt2(make_gpt2("relu"))
+    assert report.layers["h.0.mlp.act"].dead_indices.tolist() == [0, 17, 255]
     assert report.layers["h.1.mlp.act"].dead_indices.tolist() == [5]
     per_layer = 64 * 256 + 256 + 256 * 64  # c_fc.weight, c_fc.bias, c_proj.weight
     inactive = (3 + 1) * (64 + 1 + 64)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuronwatch import ConfigError, Engine, ParamRef, ShapeError, Wiring
+from neuronwatch import ConfigError, Engine, LayerStats, ParamRef, Report, ShapeError, Wiring
 
 
 def relu_layer(rng: np.random.Generator, rows: int, neurons: int, bias: np.ndarray) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_silent_first_batches_then_one_firing_is_not_dead() -> None:
             # One batch is below min_rows: nothing may be called dead yet.
             first = engine.snapshot().layers("current")["act"]
             assert first.count("dead") == 0
-            assert first.count("known") == 0
+            assert first.count("unknown") == 4
     stats = engine.snapshot().layers("current")["act"]
     assert stats.dead_indices.tolist() == [1, 3]
     assert stats.asleep[2]
@@ -83,7 +83,7 @@ def test_windows_current_last_lifetime() -> None:
     empty = engine.snapshot().layers("last")["act"]
     assert empty.rows == 0
     assert empty.count("dead") == 0
-    assert empty.count("known") == 0
+    assert empty.count("unknown") == 3
 
 
 def test_gelu_dormant_neurons() -> None:
@@ -188,3 +188,122 @@ def test_overrides_by_glob() -> None:
     assert engine.add_layer("dec.0.act", "ReLU").fire_threshold == 0.0
     assert engine.add_layer("dec.1.act", "GELU").fire_threshold == 1e-3
     assert engine.config("dec.1.act").min_rows == 5
+
+
+# -- honest verdicts: dead means no gradient on any row --------------------------------------------
+
+
+def judge(activation: str, values: np.ndarray, **params: float) -> LayerStats:
+    engine = Engine("m", min_rows=10)
+    engine.add_layer("act", activation, params=params or None)
+    engine.observe("act", values)
+    return engine.snapshot().layers("current")["act"]
+
+
+def never_positive(values: np.ndarray) -> list[int]:
+    """The plain reference: neurons with no value above zero."""
+    return np.flatnonzero((values > 0).sum(axis=0) == 0).tolist()
+
+
+@pytest.mark.parametrize("activation", ["LeakyReLU", "PReLU", "RReLU"])
+def test_leaky_neurons_that_never_fire_are_leaking_not_dead(activation: str) -> None:
+    rng = np.random.default_rng(3)
+    pre = rng.normal(size=(200, 8))
+    pre[:, [1, 6]] -= 20.0  # never positive
+    values = np.where(pre > 0, pre, 0.01 * pre)
+    stats = judge(activation, values)
+    assert stats.config.family == "leaky"
+    assert stats.count("dead") == 0
+    assert stats.indices("leaking").tolist() == never_positive(values) == [1, 6]
+    same_with_relu = judge("ReLU", np.maximum(pre, 0))
+    assert same_with_relu.dead_indices.tolist() == [1, 6]
+    assert same_with_relu.count("leaking") == 0
+
+
+def test_relu6_and_hardtanh_plateaus() -> None:
+    rng = np.random.default_rng(4)
+    pre = rng.normal(size=(300, 6)) * 2
+    pre[:, 2] += 20.0  # always on the upper plateau
+    pre[:, 4] -= 20.0  # always on the lower plateau: no gradient
+    relu6 = np.clip(pre, 0.0, 6.0)
+    stats = judge("ReLU6", relu6)
+    assert np.flatnonzero(stats.saturated).tolist() == [2]
+    assert stats.dead_indices.tolist() == [4]
+    hardtanh = np.clip(pre, -2.0, 2.0)
+    stats = judge("Hardtanh", hardtanh, min_val=-2.0, max_val=2.0)
+    assert stats.config.fire_threshold == -2.0
+    assert np.flatnonzero(stats.saturated).tolist() == [2]
+    # Stuck at the lower bound: passes no gradient, so dead, although its value is -2, not 0.
+    assert stats.dead_indices.tolist() == [4]
+    assert stats.active[0]  # values in (-2, 0] are the linear region: not dead
+
+
+@pytest.mark.parametrize(
+    ("activation", "scale", "alpha"),
+    [("ELU", 1.0, 1.0), ("CELU", 1.0, 1.0), ("SELU", 1.0507009873554805, 1.6732632423543772)],
+)
+def test_elu_family_negative_plateau_is_saturated(
+    activation: str, scale: float, alpha: float
+) -> None:
+    rng = np.random.default_rng(5)
+    pre = rng.normal(size=(300, 5))
+    pre[:, 1] -= 30.0  # deep on the negative plateau on every row
+    pre[:, 3] = -rng.random(300)  # negative, but on the curved part: gradient flows
+    values = scale * np.where(pre > 0, pre, alpha * (np.exp(pre) - 1))
+    stats = judge(activation, values)
+    assert stats.config.family == "elu"
+    assert stats.count("dead") == 0
+    assert stats.indices("leaking").tolist() == never_positive(values) == [1, 3]
+    assert np.flatnonzero(stats.saturated).tolist() == [1]
+
+
+def test_states_partition_every_neuron_and_unknown_names_are_listed() -> None:
+    rng = np.random.default_rng(6)
+    values = np.maximum(rng.normal(size=(50, 12)) - rng.random(12) * 3, 0)
+    for activation in ("ReLU", "LeakyReLU", "GELU", "Tanh"):
+        stats = judge(activation, values)
+        firing = [stats.mask(s) for s in ("dead", "leaking", "asleep", "active", "unknown")]
+        assert (np.sum(firing, axis=0) == 1).all(), activation
+    with pytest.raises(ConfigError, match=r"'deed'.*dead, leaking, asleep, active, unknown"):
+        stats.count("deed")
+
+
+def test_last_fired_step_is_the_step_of_the_last_update_that_fired() -> None:
+    engine = Engine("m", min_rows=1)
+    engine.add_layer("act", "ReLU")
+    for step in range(1, 7):
+        engine.advance()
+        values = np.zeros((4, 3))
+        values[:, 0] = 1.0  # fires on every step
+        if step == 2:
+            values[0, 1] = 1.0  # fires once, at step 2
+        engine.observe("act", values)
+        if step == 3:
+            engine.rollover()
+    snap = engine.snapshot()
+    assert snap.step == 6
+    assert snap.layers("lifetime")["act"].partials.last_fired_step.tolist() == [6, 2, -1]
+    assert snap.layers("last")["act"].partials.last_fired_step.tolist() == [3, 2, -1]
+    assert snap.layers("current")["act"].partials.last_fired_step.tolist() == [6, -1, -1]
+    assert snap.steps_silent("act").tolist() == [0, 4, 6]
+    assert {k: v.tolist() for k, v in snap.silent(4).items()} == {"act": [1, 2]}
+    # Merged by max: the later of two runs wins.
+    other = Engine("m", min_rows=1)
+    other.add_layer("act", "ReLU")
+    other.advance(9)
+    other.observe("act", np.eye(3)[[2]])
+    merged = engine.merged(other).snapshot().layers("lifetime")["act"]
+    assert merged.partials.last_fired_step.tolist() == [6, 2, 9]
+
+
+def test_a_report_of_the_last_window_keeps_the_run_long_silence() -> None:
+    engine = Engine("m", min_rows=1)
+    engine.add_layer("act", "ReLU")
+    engine.observe("act", np.array([[1.0, 1.0]]))
+    engine.advance(5)
+    engine.rollover()
+    engine.observe("act", np.array([[1.0, 0.0]]))
+    engine.rollover()
+    report = Report.from_snapshot(engine.snapshot(), "last")
+    assert report.layers["act"].partials.last_fired_step.tolist() == [5, 0]
+    assert report.steps_silent("act").tolist() == [0, 5]
