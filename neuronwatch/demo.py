@@ -3,7 +3,9 @@
 A 5x128 ReLU MLP trained on scikit-learn's handwritten digits (bundled with the wheel, so
 nothing is downloaded) with Adam at a learning rate high enough to push many ReLUs into their
 zero region for good; then the same network, same seed and same initial weights, with
-LeakyReLU. Each epoch is one window, so *dead* means "never fired during the last epoch".
+LeakyReLU. Each epoch is one window: a ReLU neuron that never fired during the last epoch is
+*dead* (it passes no gradient), a LeakyReLU neuron that never fired is *leaking* (its negative
+slope still passes gradient, so it can come back).
 
 >>> run = train("relu", epochs=3)                      # doctest: +SKIP
 >>> run.report.count("dead") / run.report.neurons      # doctest: +SKIP
@@ -58,13 +60,17 @@ __all__ = [
 ]
 
 DATASET = "sklearn.datasets.load_digits"
-# Chosen from a sweep of seeds 0-15 (30 epochs each, one thread): with these settings the ReLU
-# run ends with 37.2 % of its hidden neurons dead and LeakyReLU with 19.4 %; both runs together
-# take ~5 s on a 2-core CPU.
+# Chosen so that the contrast holds for every seed 0-9, not for one tuned seed (see
+# examples/demo_seeds.py, which prints the table the README quotes): the ReLU run ends with
+# more than a third of its hidden neurons dead and its last hidden layer more than half dead,
+# while the LeakyReLU run, from the same initial weights, has none dead. The training run is
+# chaotic, so exact counts move with floating-point details between machines; the margins do
+# not. Both runs together take ~6 s on a 2-core CPU.
 DEFAULT_EPOCHS = 30
-DEFAULT_SEED = 2
+DEFAULT_SEED = 6
 DEFAULT_LR = 1e-2
-BATCH_SIZE = 32
+BATCH_SIZE = 16
+OPTIMIZER_TEXT = f"Adam lr {DEFAULT_LR:g}, batch {BATCH_SIZE}"
 HIDDEN_LAYERS = 5
 WIDTH = 128
 TEST_SHARE = 0.2

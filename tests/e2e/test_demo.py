@@ -124,7 +124,7 @@ def test_demo_command_passes_its_options_through(tmp_path: Path, quiet: bool) ->
         assert f"wrote {out / activation} " in result.output
     # The progress display shows each run's last epoch unless --quiet.
     assert ("digits-mlp-relu  epoch 2/2" in result.output) is not quiet
-    assert "dead neurons, last window" in result.output
+    assert "never fired in the last window" in result.output
 
 
 def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path) -> None:
@@ -144,6 +144,10 @@ def test_demo_without_scikit_learn_says_what_to_install(tmp_path: Path) -> None:
     assert not (tmp_path / "demo").exists()
 
 
+def layer_share(report: neuronwatch.Report, layer: str, state: str) -> float:
+    return report.layers[layer].ratio(state)
+
+
 @pytest.mark.slow
 def test_the_default_demo_kills_relus_and_spares_leaky_relus(tmp_path: Path) -> None:
     out = tmp_path / "demo"
@@ -154,23 +158,28 @@ def test_the_default_demo_kills_relus_and_spares_leaky_relus(tmp_path: Path) -> 
     leaky = neuronwatch.Report.load(out / "leaky_relu")
     assert relu.meta["epochs"] == demo.DEFAULT_EPOCHS
     assert relu.meta["seed"] == leaky.meta["seed"] == demo.DEFAULT_SEED
-    # Measured with the defaults: 37.2 % (ReLU) and 19.4 % (LeakyReLU) dead.
-    assert 0.2 <= dead_ratio(relu) <= 0.6
-    assert dead_ratio(leaky) < dead_ratio(relu)
+    # The margins the seed sweep guarantees (see test_the_contrast_holds_for_seeds_0_to_9).
+    assert dead_ratio(relu) > 1 / 3
+    assert layer_share(relu, LAYERS[-1], "dead") > 0.5
+    assert relu.count("leaking") == 0  # ReLU has no leaking state: never firing is fatal
+    assert leaky.count("dead") == 0  # ... and LeakyReLU has no dead one
+    assert leaky.count("leaking") > 0
     relu_active, leaky_active = relu.active_parameter_ratio(), leaky.active_parameter_ratio()
     assert relu_active is not None
-    assert leaky_active is not None
-    assert leaky_active > relu_active
+    assert relu_active < 1.0
+    assert leaky_active == 1.0  # nothing dead, so every parameter is active
 
-    # The side-by-side table: one row per layer, totals, accuracy and parameter ratio.
-    table = result.output[result.output.index("dead neurons, last window") :]
+    # The side-by-side table: dead and leaking per layer, totals, accuracy and parameter ratio.
+    table = result.output[result.output.index("never fired in the last window") :]
     rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
     for name in LAYERS:
         assert COUNT_CELL.findall(rows[name]) == [
-            cell(r.layers[name].count("dead"), r.layers[name].neurons) for r in (relu, leaky)
+            cell(r.layers[name].count(state), r.layers[name].neurons)
+            for r in (relu, leaky)
+            for state in ("dead", "leaking")
         ]
     assert COUNT_CELL.findall(rows["total"]) == [
-        cell(r.count("dead"), r.neurons) for r in (relu, leaky)
+        cell(r.count(state), r.neurons) for r in (relu, leaky) for state in ("dead", "leaking")
     ]
     assert rows["test"].split()[2:] == [
         f"{100 * r.meta['test_accuracy']:.1f}%" for r in (relu, leaky)
@@ -178,3 +187,15 @@ def test_the_default_demo_kills_relus_and_spares_leaky_relus(tmp_path: Path) -> 
     assert rows["active-parameter"].split()[2:] == [
         f"{r.active_parameter_ratio():.3f}" for r in (relu, leaky)
     ]
+
+
+@pytest.mark.slow
+def test_the_contrast_holds_for_seeds_0_to_9(data: demo.Digits) -> None:
+    """Not one tuned seed: every seed kills a third of the ReLUs and over 40 % of the last
+    hidden layer (the lesson's exercise), and no LeakyReLU dies."""
+    for seed in range(10):
+        relu = demo.train("relu", seed=seed, data=data).report
+        leaky = demo.train("leaky_relu", seed=seed, data=data).report
+        assert dead_ratio(relu) > 0.3, seed
+        assert layer_share(relu, LAYERS[-1], "dead") > 0.4, seed
+        assert leaky.count("dead") == 0, seed
