@@ -38,7 +38,9 @@ Buffers = tuple[torch.Tensor, ...]
 BUFFER_FIELDS: tuple[str, ...] = tuple(
     name for name, spec in FIELDS.items() if spec.per == "neuron" and not spec.on_host
 )
-assert BUFFER_FIELDS == ("fired", "saturated", "nonfinite", "abs_sum", "sum", "max", "min")
+assert BUFFER_FIELDS == (
+    "fired", "saturated", "nonfinite", "abs_sum", "sum", "sq_sum", "max", "min"
+)  # fmt: skip
 
 # A call's counts are summed in int32 when they cannot reach 2**31 (fewer rows, or values for
 # the histogram) and then added to the int64 buffers: the same results, but half-width integer
@@ -85,7 +87,7 @@ def reduce_eager(
     buffers are the per-neuron :data:`~neuronwatch.partials.FIELDS`, in :data:`BUFFER_FIELDS`
     order.
     """
-    fired, saturated, nonfinite, abs_sum, total, high_water, low_water = buffers
+    fired, saturated, nonfinite, abs_sum, total, squares, high_water, low_water = buffers
     x = _working(x)
     finite = torch.isfinite(x)
     zeroed = torch.where(finite, x, 0.0)
@@ -95,9 +97,10 @@ def reduce_eager(
     nonfinite = nonfinite + (~finite).sum(dims, dtype=count)
     abs_sum = abs_sum + zeroed.abs().sum(dims).to(abs_sum.dtype)
     total = total + zeroed.sum(dims).to(total.dtype)
+    squares = squares + (zeroed * zeroed).sum(dims).to(squares.dtype)
     high_water = torch.maximum(high_water, torch.where(finite, x, float("-inf")).amax(dims))
     low_water = torch.minimum(low_water, torch.where(finite, x, float("inf")).amin(dims))
-    return fired, saturated, nonfinite, abs_sum, total, high_water, low_water
+    return fired, saturated, nonfinite, abs_sum, total, squares, high_water, low_water
 
 
 def reduce_masked_eager(
@@ -114,7 +117,7 @@ def reduce_masked_eager(
     """:func:`reduce_eager` over the rows where ``mask`` (bool, broadcastable to ``x`` with a
     1 on the feature axis) is true; pad rows touch no statistic. Also returns ``rows`` plus
     the number of rows kept, counted on the device (no host sync)."""
-    fired, saturated, nonfinite, abs_sum, total, high_water, low_water = buffers
+    fired, saturated, nonfinite, abs_sum, total, squares, high_water, low_water = buffers
     x = _working(x)
     finite = torch.isfinite(x)
     valid = finite & mask
@@ -124,10 +127,11 @@ def reduce_masked_eager(
     nonfinite = nonfinite + ((~finite) & mask).sum(dims, dtype=count)
     abs_sum = abs_sum + zeroed.abs().sum(dims).to(abs_sum.dtype)
     total = total + zeroed.sum(dims).to(total.dtype)
+    squares = squares + (zeroed * zeroed).sum(dims).to(squares.dtype)
     high_water = torch.maximum(high_water, torch.where(valid, x, float("-inf")).amax(dims))
     low_water = torch.minimum(low_water, torch.where(valid, x, float("inf")).amin(dims))
     rows = rows + mask.sum(dtype=torch.int64)
-    return (fired, saturated, nonfinite, abs_sum, total, high_water, low_water), rows
+    return (fired, saturated, nonfinite, abs_sum, total, squares, high_water, low_water), rows
 
 
 def histogram_compiled_form(

@@ -75,6 +75,9 @@ FIELDS: dict[str, FieldSpec] = {
     "nonfinite": FieldSpec("sum", np.int64, 0, "neuron", "count", "NaN and +-Inf values"),
     "abs_sum": FieldSpec("sum", np.float64, 0.0, "neuron", "sum", "sum of |value| (finite)"),
     "sum": FieldSpec("sum", np.float64, 0.0, "neuron", "sum", "sum of values (finite)"),
+    "sq_sum": FieldSpec(
+        "sum", np.float64, 0.0, "neuron", "sum", "sum of squared values (finite): the spread"
+    ),
     "max": FieldSpec("max", np.float64, -math.inf, "neuron", "extremum", "largest finite value"),
     "min": FieldSpec("min", np.float64, math.inf, "neuron", "extremum", "smallest finite value"),
     "histogram": FieldSpec("sum", np.int64, 0, "bin", "count", "finite values per fixed bin"),
@@ -127,8 +130,8 @@ def _checked(name: str, value: Any, rows: int, size: int | None) -> NDArray[Any]
                 f"partials field {name!r} counts up to {int(as_float.max())} but only "
                 f"{rows} rows were seen"
             )
-    if name == "abs_sum" and (as_float < 0).any():
-        raise ShapeError("partials field 'abs_sum' is a sum of |value| and cannot be negative")
+    if name in ("abs_sum", "sq_sum") and (as_float < 0).any():
+        raise ShapeError(f"partials field {name!r} is a sum of non-negative values, got < 0")
     return np.array(array, dtype=spec.dtype)
 
 
@@ -149,6 +152,7 @@ class Partials:
     nonfinite: NDArray[np.int64]
     abs_sum: NDArray[np.float64]
     sum: NDArray[np.float64]
+    sq_sum: NDArray[np.float64]
     max: NDArray[np.float64]
     min: NDArray[np.float64]
     histogram: NDArray[np.int64]

@@ -56,6 +56,7 @@ def reduce_rows(rows: NDArray[np.floating], config: LayerConfig) -> Partials:
         nonfinite=(~finite).sum(axis=0),
         abs_sum=np.abs(zeroed).sum(axis=0),
         sum=zeroed.sum(axis=0),
+        sq_sum=np.square(zeroed).sum(axis=0),
         max=np.where(finite, rows, -np.inf).max(axis=0, initial=-np.inf),
         min=np.where(finite, rows, np.inf).min(axis=0, initial=np.inf),
         histogram=np.bincount(bins, minlength=edges.size + 1),

@@ -12,13 +12,14 @@ from neuronwatch.config import LayerConfig
 
 
 def reference(rows: np.ndarray, config: LayerConfig) -> dict[str, np.ndarray]:
-    """Neuron by neuron, value by value: the definitions of DESIGN §2 written out plainly."""
+    """Neuron by neuron, value by value: the definitions of docs/vocabulary.md written out."""
     neurons = rows.shape[1]
-    out = {k: [] for k in ("fired", "saturated", "nonfinite", "abs_sum", "sum", "max", "min")}
+    keys = ("fired", "saturated", "nonfinite", "abs_sum", "sum", "sq_sum", "max", "min")
+    out: dict[str, list[float]] = {k: [] for k in keys}
     histogram = np.zeros(len(config.histogram_edges) + 1, dtype=np.int64)
     for i in range(neurons):
         fired = saturated = nonfinite = 0
-        abs_sum = total = 0.0
+        abs_sum = total = squares = 0.0
         high, low = -math.inf, math.inf
         for value in rows[:, i]:
             if not math.isfinite(value):
@@ -28,11 +29,12 @@ def reference(rows: np.ndarray, config: LayerConfig) -> dict[str, np.ndarray]:
             saturated += value < config.saturation_low or value > config.saturation_high
             abs_sum += abs(value)
             total += value
+            squares += value * value
             high, low = max(high, value), min(low, value)
             # bin j holds (edges[j-1], edges[j]]
             histogram[sum(value > e for e in config.histogram_edges)] += 1
         for key, val in zip(
-            out, (fired, saturated, nonfinite, abs_sum, total, high, low), strict=True
+            out, (fired, saturated, nonfinite, abs_sum, total, squares, high, low), strict=True
         ):
             out[key].append(val)
     result = {k: np.asarray(v) for k, v in out.items()}
@@ -67,7 +69,7 @@ def test_partials_equal_reference(activation: str | None, seed: int) -> None:
         np.testing.assert_array_equal(getattr(partials, key), expected[key], err_msg=key)
     for key in ("max", "min"):
         np.testing.assert_array_equal(getattr(partials, key), expected[key], err_msg=key)
-    for key in ("abs_sum", "sum"):
+    for key in ("abs_sum", "sum", "sq_sum"):
         np.testing.assert_allclose(getattr(partials, key), expected[key], rtol=1e-12, err_msg=key)
 
 

@@ -19,7 +19,7 @@ import neuronwatch
 from neuronwatch import Engine, Partials
 
 EXACT = ("fired", "saturated", "nonfinite", "histogram", "max", "min")
-SUMS = ("sum", "abs_sum")
+SUMS = ("sum", "abs_sum", "sq_sum")
 
 
 class Mixed(nn.Module):

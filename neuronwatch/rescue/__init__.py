@@ -1,0 +1,1 @@
+"""Offline checkpoint repair driven by a report (strip, reinit, prune, swap, lift)."""
