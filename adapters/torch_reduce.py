@@ -10,6 +10,7 @@ reads a tensor value on the host: buffers stay on the activation's device until
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -312,7 +313,13 @@ class LayerAccumulator:
         rows = x.numel() // neurons if neurons else 0
         if rows == 0:
             return mask is not None
-        dims = tuple(d for d in range(x.dim()) if d != axis)
+        # Every activation is viewed as [before, neurons, after] (a view: no copy for the
+        # contiguous tensors layers return), so one compiled graph per dtype serves every rank
+        # and axis; inductor only tells apart after == 1 (Linear rows) and after > 1 (conv maps).
+        x = x.reshape(rows // math.prod(x.shape[axis + 1 :]), neurons, -1)
+        if mask is not None:
+            mask = mask.reshape(x.shape[0], 1, x.shape[2])
+        dims = (0, 2)
         working = torch.float64 if x.dtype == torch.float64 else torch.float32
         threshold, low, high, edges = self._constants(working, x.device)
         x = x.detach()

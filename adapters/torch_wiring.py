@@ -146,9 +146,22 @@ def in_backward() -> bool:
     return bool(torch._C._current_graph_task_id() != -1)
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter, or -1 where none is kept (inference tensors)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return -1
+
+
 @dataclass
 class Call:
-    """One recorded call: a leaf module, or an activation function (``module`` is None)."""
+    """One recorded call: a leaf module, or an activation function (``module`` is None).
+
+    ``inputs``/``outputs`` are tensor ids; the ``*_versions`` beside them are the tensors'
+    in-place version counters when the call began (inputs) and ended (outputs), so an in-place
+    op between a producer and its reader (``out += identity`` in a ResNet block) is seen.
+    """
 
     order: int
     name: str
@@ -156,6 +169,8 @@ class Call:
     inputs: list[int]
     outputs: list[int]
     function: str | None = None  # activation class name of a recorded function
+    input_versions: list[int] = field(default_factory=list)
+    output_versions: list[int] = field(default_factory=list)
 
 
 class _FunctionRecorder(TorchFunctionMode):
@@ -172,10 +187,12 @@ class _FunctionRecorder(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        result = func(*args, **(kwargs or {}))
         activation = ACTIVATION_FUNCTIONS.get(func)
-        if activation is not None and args and isinstance(args[0], torch.Tensor):
-            self.tracer.record_function(activation, args[0], result)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        before = _version(first) if activation is not None and first is not None else -1
+        result = func(*args, **(kwargs or {}))
+        if activation is not None and first is not None:
+            self.tracer.record_function(activation, first, before, result)
         return result
 
 
@@ -190,6 +207,8 @@ class WiringTracer:
     _keep: list[torch.Tensor] = field(default_factory=list)  # ids stay unique while traced
     _mode: _FunctionRecorder | None = None
     _thread: int | None = None
+    _starts: dict[int, list[list[int]]] = field(default_factory=dict)
+    _inside: int = 0  # leaf modules running now: functions they call are theirs, not recorded
 
     @property
     def active(self) -> bool:
@@ -214,6 +233,7 @@ class WiringTracer:
         try:
             for name, module in self.model.named_modules():
                 if next(module.children(), None) is None:
+                    self._handles.append(module.register_forward_pre_hook(self._start_recorder))
                     self._handles.append(module.register_forward_hook(self._recorder(name)))
         except BaseException:
             self.clear()
@@ -250,6 +270,8 @@ class WiringTracer:
         self.exit_functions()
         self.calls.clear()
         self._keep.clear()
+        self._starts.clear()
+        self._inside = 0
         self._thread = None
 
     def clear(self) -> None:
@@ -262,23 +284,43 @@ class WiringTracer:
         thread = self._thread
         return (thread is None or thread == threading.get_ident()) and not in_backward()
 
+    def _start_recorder(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._recording():
+            versions = [_version(t) for t in _tensors(args)]
+            self._starts.setdefault(id(module), []).append(versions)
+            self._inside += 1
+
     def _recorder(self, name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._recording():
                 return
             inputs = _tensors(args)
             outputs = _tensors([output])
+            started = self._starts.get(id(module))
+            if started:
+                versions = started.pop()
+                self._inside = max(self._inside - 1, 0)
+            else:
+                versions = [_version(t) for t in inputs]
             self._keep.extend(inputs + outputs)
             self.calls.append(
                 Call(
-                    len(self.calls), name, module, [id(t) for t in inputs], [id(t) for t in outputs]
+                    len(self.calls),
+                    name,
+                    module,
+                    [id(t) for t in inputs],
+                    [id(t) for t in outputs],
+                    input_versions=versions,
+                    output_versions=[_version(t) for t in outputs],
                 )
             )
 
         return record
 
-    def record_function(self, activation: str, x: torch.Tensor, result: Any) -> None:
-        if not self._recording():
+    def record_function(
+        self, activation: str, x: torch.Tensor, x_version: int, result: Any
+    ) -> None:
+        if not self._recording() or self._inside:
             return
         outputs = _tensors([result])
         self._keep.extend([x, *outputs])
@@ -290,6 +332,8 @@ class WiringTracer:
                 [id(x)],
                 [id(t) for t in outputs],
                 function=activation,
+                input_versions=[x_version],
+                output_versions=[_version(t) for t in outputs],
             )
         )
 
@@ -301,24 +345,35 @@ class WiringTracer:
                 return call
         return None
 
+    def call_of(self, module: nn.Module, index: int) -> Call | None:
+        """The ``index``-th recorded call of ``module``, if recorded."""
+        own = self.calls_of(module)
+        return own[index] if index < len(own) else None
+
     def calls_of(self, module: nn.Module) -> list[Call]:
         return [call for call in self.calls if call.module is module]
 
     def walk_back(
-        self, tensor: torch.Tensor, before: int | None = None
+        self, tensor_id: int, before: int | None = None, version: int = -1
     ) -> tuple[list[Call], Call | None]:
-        """Walk from ``tensor`` back through pass-through calls made before ``before``.
+        """Walk from a tensor back through pass-through calls made before ``before``.
 
         Returns the calls walked through (pass-through modules, per-channel norms, activation
         functions) and the call that ended the walk (a producer, or any other module), or
-        ``None`` when the tensor came from no recorded call.
+        ``None`` when the tensor came from no recorded call. With a ``version`` (the tensor's
+        version counter when it was read), a tensor changed in place after its producer
+        returned it ends the walk: that producer is not the only source of the values.
         """
         walked: list[Call] = []
-        current: int | None = id(tensor)
+        current: int | None = tensor_id
         limit = len(self.calls) if before is None else before
         while current is not None:
             found = self._producer_call(current, limit)
             if found is None:
+                return walked, None
+            index = found.outputs.index(current)
+            produced = found.output_versions[index] if found.output_versions else -1
+            if version >= 0 and produced >= 0 and produced != version:
                 return walked, None
             module = found.module
             if module is not None and (
@@ -328,12 +383,13 @@ class WiringTracer:
                 return walked, found
             walked.append(found)
             limit, current = found.order, (found.inputs[0] if found.inputs else None)
+            version = found.input_versions[0] if found.input_versions else -1
         return walked, None
 
     def feature_axis(self, tensor: torch.Tensor, before: int | None = None) -> int | None:
         """The neuron axis of ``tensor``: that of the first module with a known axis found
         walking back through pass-through modules, or ``None``."""
-        walked, end = self.walk_back(tensor, before)
+        walked, end = self.walk_back(id(tensor), before)
         for call in [*walked, end]:
             if call is not None and call.module is not None:
                 axis = feature_axis_of(call.module)
@@ -343,13 +399,13 @@ class WiringTracer:
 
     def function_before(self, tensor: torch.Tensor, before: int | None = None) -> str | None:
         """The activation function that produced ``tensor`` (through pass-through modules)."""
-        walked, _ = self.walk_back(tensor, before)
+        walked, _ = self.walk_back(id(tensor), before)
         return next((call.function for call in walked if call.function), None)
 
     def producer(
-        self, tensor: torch.Tensor, before: int | None
+        self, tensor_id: int, before: int | None, version: int = -1
     ) -> tuple[str | None, list[ParamRef]]:
-        walked, end = self.walk_back(tensor, before)
+        walked, end = self.walk_back(tensor_id, before, version)
         refs: list[ParamRef] = []
         producer: str | None = None
         for call in walked:
@@ -398,10 +454,12 @@ class WiringTracer:
         ``consumes_itself``: the neurons are the input of ``module`` (``inputs=`` layers), so
         ``module`` consumes them; otherwise its outputs are followed to the consumers.
         """
-        own = self.calls_of(module)
-        call = own[call_index] if call_index < len(own) else None
-        before = call.order if call is not None else None
-        producer, produces = self.producer(watched_input, before)
+        call = self.call_of(module, call_index)
+        if call is not None and call.inputs:
+            version = call.input_versions[0] if call.input_versions else -1
+            producer, produces = self.producer(call.inputs[0], call.order, version)
+        else:
+            producer, produces = self.producer(id(watched_input), None)
         consumer: str | None = None
         consumes: list[ParamRef] = []
         if call is not None:

@@ -3,6 +3,8 @@ framework-free (DESIGN rule 1)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +14,40 @@ import neuronwatch
 FRAMEWORKS = ("torch", "onnx", "onnxruntime", "prometheus_client", "opentelemetry", "sklearn")
 
 
-def test_every_public_name_exists() -> None:
-    for name in neuronwatch.__all__:
-        assert getattr(neuronwatch, name) is not None, name
+# Every public name and where it is defined: the face must hand out these very objects.
+PUBLIC = {
+    "STATES": "neuronwatch.states",
+    "ActivationSource": "neuronwatch.monitor",
+    "ConfigError": "neuronwatch.errors",
+    "Engine": "neuronwatch.engine",
+    "Family": "neuronwatch.families",
+    "LayerConfig": "neuronwatch.config",
+    "LayerStats": "neuronwatch.stats",
+    "MergeError": "neuronwatch.errors",
+    "MissingExtraError": "neuronwatch.errors",
+    "Monitor": "neuronwatch.monitor",
+    "NeuronwatchError": "neuronwatch.errors",
+    "ParamRef": "neuronwatch.wiring",
+    "Partials": "neuronwatch.partials",
+    "Report": "neuronwatch.report",
+    "ReportError": "neuronwatch.errors",
+    "ShapeError": "neuronwatch.errors",
+    "Snapshot": "neuronwatch.snapshot",
+    "SnapshotSource": "neuronwatch.monitor",
+    "State": "neuronwatch.states",
+    "Wiring": "neuronwatch.wiring",
+    "__version__": "neuronwatch._version",
+    "family_of": "neuronwatch.families",
+}
+
+
+def test_every_public_name_is_the_object_of_its_module() -> None:
+    assert set(neuronwatch.__all__) == set(PUBLIC) | {"watch"}
+    for name, module in PUBLIC.items():
+        assert getattr(neuronwatch, name) is getattr(importlib.import_module(module), name), name
+    errors = [getattr(neuronwatch, n) for n in PUBLIC if n.endswith("Error")]
+    assert all(issubclass(e, neuronwatch.NeuronwatchError) for e in errors)
+    assert inspect.signature(neuronwatch.watch).parameters.keys() == {"model", "options"}
 
 
 def test_importing_the_core_loads_no_framework() -> None:
