@@ -17,6 +17,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -39,7 +40,7 @@ from .torch_forward import (
     mask_of,
     outermost_module_call,
 )
-from .torch_reduce import LayerAccumulator
+from .torch_reduce import LayerAccumulator, Staged, reduce_staged
 from .torch_wiring import ACTIVATION_FUNCTIONS, WiringTracer, in_backward
 
 __all__ = ["MAX_CALL_SITES", "TorchSource", "find_activations", "watch"]
@@ -47,6 +48,12 @@ __all__ = ["MAX_CALL_SITES", "TorchSource", "find_activations", "watch"]
 log = logging.getLogger(__name__)
 
 DEFAULT_HISTOGRAM_EVERY = 8
+# Activations up to this many elements are copied and reduced together at the end of the forward
+# (one compiled call per forward): at serving batch sizes the fixed cost of a call per layer is
+# most of the overhead, and copying a small tensor costs a few microseconds. Larger ones are
+# reduced at once, so a forward never holds more than DEFER_BYTES of copies.
+DEFER_ELEMENTS = 2**17
+DEFER_BYTES = 64 * 2**20
 # A module called more often than this in one forward (a cell applied per time step) gets no
 # further layers: pool its calls with per_call_site=False instead.
 MAX_CALL_SITES = 64
@@ -87,6 +94,24 @@ def _report_axis(accumulator: LayerAccumulator, x: torch.Tensor) -> int:
     rank = max(x.dim(), 2)
     axis = accumulator.feature_axis % rank
     return -1 if axis == rank - 1 else axis
+
+
+class _QuietAutograd:
+    """No graph recording and no autocast around our reductions. Each context manager costs
+    microseconds on the hot path, so they are entered only when grad or autocast is on."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.stack = ExitStack()
+
+    def __enter__(self) -> None:
+        if torch.is_grad_enabled():
+            self.stack.enter_context(torch.no_grad())
+        if torch.is_autocast_enabled(self.device_type):
+            self.stack.enter_context(torch.autocast(self.device_type, enabled=False))
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -296,6 +321,9 @@ class TorchSource:
         state.open = state.watched = state.traced = False
         state.calls = {}
         state.mask = None
+        if state.deferred:
+            deferred, state.deferred, state.deferred_bytes = state.deferred, [], 0
+            self._reduce_deferred(deferred)
         if traced and failed:
             self._pending.clear()
             self._watched_ids.clear()
@@ -307,6 +335,14 @@ class TorchSource:
                 self.monitor.forward_done()
             except Exception as exc:  # a flush must never raise into the user's forward
                 self._hook_failed("<flush>", None, exc)
+
+    def _reduce_deferred(self, items: list[Staged]) -> None:
+        try:
+            with self._lock, _QuietAutograd(items[0].x.device.type):
+                reduce_staged(items)
+        except Exception as exc:
+            for item in items:
+                self._hook_failed(item.accumulator.config.name, None, exc)
 
     def _outside_forward(self, state: ForwardState) -> None:
         """An activation ran with no forward open on this thread: either recomputation in
@@ -380,8 +416,22 @@ class TorchSource:
                     self._pending.setdefault(
                         site.layer, (probe, index, act_input, _report_axis(accumulator, x))
                     )
-            with self._lock, torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                masked = accumulator.add(x, state.histogram, state.mask)
+            if (
+                self.compile
+                and state.depth > 0  # a bracketed forward: its end will reduce what it held
+                and x.numel() <= DEFER_ELEMENTS
+                and state.deferred_bytes + x.numel() * x.element_size() <= DEFER_BYTES
+                and not any(item.accumulator is accumulator for item in state.deferred)
+            ):
+                with self._lock, _QuietAutograd(x.device.type):
+                    staged = accumulator.stage(x, state.histogram, state.mask, copy=True)
+                if staged.rows:
+                    state.deferred.append(staged)
+                    state.deferred_bytes += staged.x.numel() * staged.x.element_size()
+                masked = staged.mask is not None
+            else:
+                with self._lock, _QuietAutograd(x.device.type):
+                    masked = accumulator.add(x, state.histogram, state.mask)
             if state.mask is not None and not masked and not site.unmasked_logged:
                 site.unmasked_logged = True
                 log.info(

@@ -48,6 +48,9 @@ class ForwardState:
     traced: bool = False
     calls: dict[int, int] = field(default_factory=dict)
     mask: torch.Tensor | None = None
+    # Small activations copied during the forward and reduced together at its end.
+    deferred: list[Any] = field(default_factory=list)
+    deferred_bytes: int = 0
 
 
 class ThreadForwards(threading.local):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -196,6 +197,7 @@ def compiled(name: str) -> Callable[..., Any]:
             "reduce": reduce_eager,
             "reduce_masked": reduce_masked_eager,
             "histogram": histogram_compiled_form,
+            "batch": reduce_items,
         }
         _compiled[name] = torch.compile(forms[name], dynamic=True)
     return _compiled[name]
@@ -217,6 +219,67 @@ def fit_mask(mask: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor | N
     if x.dim() == 2 and x.shape[1 - axis] == mask.numel():  # tokens flattened to [B*T, F]
         return mask.reshape(-1, 1) if axis == 1 else mask.reshape(1, -1)
     return None
+
+
+@dataclass
+class Staged:
+    """One activation ready to reduce: its ``[before, neurons, after]`` view (or a private
+    copy of it), its fitted row mask, its row count and whether it carries the histogram."""
+
+    accumulator: LayerAccumulator
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    rows: int
+    histogram: bool
+
+
+# New buffers, new masked-row count (or None), new histogram counts (or None).
+Reduced = tuple[Buffers, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def reduce_items(items: list[tuple[Any, ...]]) -> list[Reduced]:
+    """Reduce many staged activations in one call (the arguments of
+    :meth:`LayerAccumulator.arguments`): compiled, this is one guard check and one launch per
+    forward instead of one per layer, which is what costs at serving batch sizes."""
+    out: list[Reduced] = []
+    for x, mask, buffers, rows, threshold, low, high, edges, above, count, hcount in items:
+        if mask is None:
+            new = reduce_eager(x, buffers, threshold, low, high, (0, 2), count)
+        else:
+            new, rows = reduce_masked_eager(
+                x, mask, buffers, rows, threshold, low, high, (0, 2), count
+            )
+        if above is not None:
+            above = histogram_compiled_form(x, above, edges, hcount, mask)
+        out.append((new, rows, above))
+    return out
+
+
+def _reduce_one(staged: Staged, compile: bool) -> Reduced:
+    args = staged.accumulator.arguments(staged)
+    x, mask, buffers, rows, threshold, low, high, edges, above, count, hcount = args
+    fn = compiled if compile else _EAGER.__getitem__
+    if mask is None:
+        new = fn("reduce")(x, buffers, threshold, low, high, (0, 2), count)
+    else:
+        new, rows = fn("reduce_masked")(x, mask, buffers, rows, threshold, low, high, (0, 2), count)
+    if above is not None:
+        above = fn("histogram")(x, above, edges, hcount, mask)
+    return new, rows, above
+
+
+def reduce_staged(items: list[Staged]) -> None:
+    """Reduce the activations a forward deferred, in one compiled call; should that fail, each
+    layer falls back to its own calls (and, failing those too, to eager ops)."""
+    try:
+        results = compiled("batch")([item.accumulator.arguments(item) for item in items])
+    except Exception as exc:
+        log.warning("the batched reduction failed, reducing layer by layer: %r", exc)
+        for item in items:
+            item.accumulator.reduce(item)
+        return
+    for item, result in zip(items, results, strict=True):
+        item.accumulator.commit(item, result)
 
 
 class LayerAccumulator:
@@ -287,12 +350,19 @@ class LayerAccumulator:
             )
         return self.feature_axis % x.dim()
 
-    def add(self, x: torch.Tensor, with_histogram: bool, mask: torch.Tensor | None = None) -> bool:
-        """Accumulate one activation tensor (hot path: no host sync, no value-dependent branch).
+    def stage(
+        self,
+        x: torch.Tensor,
+        with_histogram: bool,
+        mask: torch.Tensor | None = None,
+        copy: bool = False,
+    ) -> Staged:
+        """Check and shape one activation for reduction, without reducing it yet.
 
-        ``mask`` is the forward's ``[batch, tokens]`` row mask (true on real tokens); it is
-        applied when the rows of ``x`` are those positions (see :func:`fit_mask`). Returns
-        whether it was applied.
+        ``mask`` is the forward's ``[batch, tokens]`` row mask (true on real tokens); it is kept
+        when the rows of ``x`` are those positions (see :func:`fit_mask`). ``copy`` takes a
+        private copy, for a reduction deferred to the end of the forward: the model may change
+        its tensor in place before then.
         """
         if x.dim() == 1:  # one unbatched row; torch's sum over dims=() would reduce everything
             x = x.unsqueeze(0)
@@ -302,40 +372,36 @@ class LayerAccumulator:
         neurons = x.shape[axis]
         if self._buffers is None:
             self._allocate(x.device, neurons)
-        buffers, above_edges = self._buffers, self._above
-        if buffers is None or above_edges is None:  # for the type checker: allocated above
-            raise RuntimeError("buffers not allocated")
-        if buffers[0].shape[0] != neurons:
+        known = self.neurons
+        if known != neurons:
             raise ValueError(
-                f"layer {self.config.name!r} had {buffers[0].shape[0]} neurons on axis "
+                f"layer {self.config.name!r} had {known} neurons on axis "
                 f"{self.feature_axis}, now {neurons} (shape {tuple(x.shape)}); pass feature_axis"
             )
         rows = x.numel() // neurons if neurons else 0
-        if rows == 0:
-            return mask is not None
-        # Every activation is viewed as [before, neurons, after] (a view: no copy for the
-        # contiguous tensors layers return), so one compiled graph per dtype serves every rank
-        # and axis; inductor only tells apart after == 1 (Linear rows) and after > 1 (conv maps).
-        x = x.reshape(rows // math.prod(x.shape[axis + 1 :]), neurons, -1)
-        if mask is not None:
-            mask = mask.reshape(x.shape[0], 1, x.shape[2])
-        dims = (0, 2)
-        working = torch.float64 if x.dtype == torch.float64 else torch.float32
-        threshold, low, high, edges = self._constants(working, x.device)
-        x = x.detach()
-        count = count_dtype(rows)
+        if rows:
+            # Every activation is viewed as [before, neurons, after] (a view: no copy for the
+            # contiguous tensors layers return), so one compiled graph per dtype serves every
+            # rank and axis; inductor tells apart after == 1 (rows) and after > 1 (conv maps).
+            x = x.detach().reshape(rows // math.prod(x.shape[axis + 1 :]), neurons, -1)
+            if copy:
+                x = x.clone()
+            if mask is not None:
+                mask = mask.reshape(x.shape[0], 1, x.shape[2])
+        return Staged(self, x, mask, rows, with_histogram)
+
+    def add(self, x: torch.Tensor, with_histogram: bool, mask: torch.Tensor | None = None) -> bool:
+        """Accumulate one activation tensor now (hot path: no host sync, no value-dependent
+        branch). Returns whether ``mask`` was applied (see :meth:`stage`)."""
+        staged = self.stage(x, with_histogram, mask)
+        if staged.rows:
+            self.reduce(staged)
+        return staged.mask is not None
+
+    def reduce(self, staged: Staged) -> None:
+        """Reduce one staged activation into the buffers with this layer's own calls."""
         try:
-            self._reduce(
-                x,
-                mask,
-                buffers,
-                above_edges,
-                (threshold, low, high, edges),
-                dims,
-                count,
-                with_histogram,
-                rows,
-            )
+            self.commit(staged, _reduce_one(staged, self.compile))
         except Exception as exc:
             if not self.compile:
                 raise
@@ -346,52 +412,41 @@ class LayerAccumulator:
                 "layer %r: torch.compile failed, using eager reductions: %r", self.config.name, exc
             )
             self.compile = False
-            self._reduce(
-                x,
-                mask,
-                buffers,
-                above_edges,
-                (threshold, low, high, edges),
-                dims,
-                count,
-                with_histogram,
-                rows,
-            )
-        return mask is not None
+            self.commit(staged, _reduce_one(staged, False))
 
-    def _reduce(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        buffers: Buffers,
-        above_edges: torch.Tensor,
-        constants: tuple[torch.Tensor, ...],
-        dims: tuple[int, ...],
-        count: torch.dtype,
-        with_histogram: bool,
-        rows: int,
-    ) -> None:
-        # Results are assigned only once every call succeeded, so a failure leaves the
-        # buffers as they were and the call can be redone.
-        fn = compiled if self.compile else _EAGER.__getitem__
-        threshold, low, high, edges = constants
-        masked_rows = self._masked_rows
-        if mask is None:
-            new_buffers = fn("reduce")(x, buffers, threshold, low, high, dims, count)
-        else:
-            if masked_rows is None:
-                masked_rows = torch.zeros((), dtype=torch.int64, device=x.device)
-            new_buffers, masked_rows = fn("reduce_masked")(
-                x, mask, buffers, masked_rows, threshold, low, high, dims, count
-            )
-        new_above = (
-            fn("histogram")(x, above_edges, edges, count_dtype(x.numel()), mask)
-            if with_histogram
-            else above_edges
+    def arguments(self, staged: Staged) -> tuple[Any, ...]:
+        """What the reduction functions take for ``staged``, with the buffers as they are now
+        (read under the caller's lock, so a drain in between is never double counted)."""
+        buffers, above = self._buffers, self._above
+        if buffers is None or above is None:
+            raise RuntimeError(f"layer {self.config.name!r}: buffers not allocated")
+        x = staged.x
+        working = torch.float64 if x.dtype == torch.float64 else torch.float32
+        threshold, low, high, edges = self._constants(working, x.device)
+        rows = self._masked_rows
+        if staged.mask is not None and rows is None:
+            rows = torch.zeros((), dtype=torch.int64, device=x.device)
+        return (
+            x,
+            staged.mask,
+            buffers,
+            rows,
+            threshold,
+            low,
+            high,
+            edges,
+            above if staged.histogram else None,
+            count_dtype(staged.rows),
+            count_dtype(x.numel()),
         )
-        self._buffers, self._above = new_buffers, new_above
-        if mask is None:
-            self.rows += rows
+
+    def commit(self, staged: Staged, result: Reduced) -> None:
+        buffers, masked_rows, above = result
+        self._buffers = buffers
+        if above is not None:
+            self._above = above
+        if staged.mask is None:
+            self.rows += staged.rows
         else:
             self._masked_rows = masked_rows
 

@@ -26,6 +26,11 @@ def as_rows(array: ArrayLike, feature_axis: int, layer: str) -> NDArray[np.float
             f"layer {layer!r}: feature_axis={feature_axis} is out of range for an array of "
             f"shape {values.shape}; pass the axis that holds the neurons (channels for conv maps)"
         )
+    if values.shape[feature_axis] == 0:
+        raise ShapeError(
+            f"layer {layer!r}: the array of shape {values.shape} has no neurons on "
+            f"feature_axis={feature_axis}"
+        )
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(
         values.dtype, np.complexfloating
     ):

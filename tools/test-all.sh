@@ -4,16 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# A real Prometheus server and promtool, from Debian's packages, for the end-to-end tests.
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+# A real Prometheus server and promtool, and Chromium for the HTML report test, from Debian's
+# packages, for the end-to-end tests.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
+        || ! command -v chromium >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     log=$(mktemp)
     # apt and dpkg are chatty: keep their output for when they fail.
     if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-            $SUDO apt-get install -y -qq --no-install-recommends prometheus; } >"$log" 2>&1; then
+            $SUDO apt-get install -y -qq --no-install-recommends prometheus chromium; } >"$log" 2>&1; then
         cat "$log"
-        echo "could not install Prometheus from Debian's packages (see above)" >&2
+        echo "could not install Prometheus and Chromium from Debian's packages (see above)" >&2
         exit 1
     fi
     rm -f "$log"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import click
 
 from .._version import __version__
+from .check import check
 from .demo import demo
+from .plot import plot
 from .show import show
 
 __all__ = ["main"]
@@ -23,5 +25,5 @@ def main() -> None:
     """Find dead, dormant and saturated neurons."""
 
 
-for command in (demo, show):
+for command in (check, demo, plot, show):
     main.add_command(command)

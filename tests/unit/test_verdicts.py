@@ -307,3 +307,8 @@ def test_a_report_of_the_last_window_keeps_the_run_long_silence() -> None:
     report = Report.from_snapshot(engine.snapshot(), "last")
     assert report.layers["act"].partials.last_fired_step.tolist() == [5, 0]
     assert report.steps_silent("act").tolist() == [0, 5]
+
+
+def test_an_array_without_neurons_is_refused_by_name() -> None:
+    with pytest.raises(ShapeError, match="'empty'.* no neurons"):
+        Engine("m").observe("empty", np.zeros((4, 0)))
