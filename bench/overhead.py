@@ -6,7 +6,7 @@ each variant's step time is divided by the plain step of the same round, so mach
 numerator and denominator alike. Printed: the median ratio and its IQR over the rounds, and an
 amortized ratio that also charges the steps carrying the histogram (one watched forward in
 ``histogram_every``) or the flush (``monitor.step()`` every ``flush_every``). No assertion on
-timings: this script prints (DESIGN §6). Other processes on the machine wreck the numbers (two
+timings: this script prints. Other processes on the machine wreck the numbers (two
 busy threads on two cores make every parallel region wait); the script says how much CPU they
 took during the run.
 
@@ -40,8 +40,8 @@ import neuronwatch
 # A byte-level vocabulary (GPT-2's BPE starts from these 256 bytes). GPT-2's own 50257 tokens
 # would make the LM head ~80 % of this small model's step (plain 1.1 s on 2 cores) and dilute
 # every hook cost to ~1 %. With 256 the blocks dominate (plain ~105 ms) and the eager version of
-# our reductions, as it was when DESIGN §7 was written (int64 counts, masked eager histogram),
-# measured 1.15x median and 1.18x amortized: the 1.15-1.18x of DESIGN §7, so the ratios here
+# our reductions, as they were first written (int64 counts, masked eager histogram), measured
+# 1.15x median and 1.18x amortized, like any straightforward eager hook, so the ratios here
 # compare with those. Same reductions, vocab 2048: 1.11x; 8192: 1.09x. Override with --vocab.
 VOCAB = 256
 D_MODEL, HEADS, D_MLP, BLOCKS = 256, 4, 1024, 4
@@ -109,7 +109,7 @@ def naive_probe(model: nn.Module) -> Callable[[], None]:
 
 
 def eager_reference(model: nn.Module) -> Callable[[], None]:
-    """A straightforward eager hook (the kind DESIGN §7 measured): one reduction per statistic."""
+    """A straightforward eager hook (1.15-1.18x when first measured): one reduction per statistic."""
     state = {
         name: [torch.zeros(D_MLP, dtype=torch.int64), torch.zeros(D_MLP, dtype=torch.int64),
                torch.zeros(D_MLP, dtype=torch.float64), torch.zeros(D_MLP, dtype=torch.float64),

@@ -1,5 +1,5 @@
 """The public surface is under test: every exported name imports, and the core stays
-framework-free (DESIGN rule 1)."""
+framework-free (rule 1 of docs/architecture.md)."""
 
 from __future__ import annotations
 
