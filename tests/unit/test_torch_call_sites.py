@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop  # noqa: E402
 
 import neuronwatch  # noqa: E402
 
@@ -219,6 +219,7 @@ class CheckpointedMLP(nn.Module):
         return self.fc2(h)
 
 
+@pytest.mark.usefixtures("early_stop")
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_recomputation_under_activation_checkpointing_is_not_counted(reentrant: bool) -> None:
     model = CheckpointedMLP(reentrant)
@@ -233,6 +234,49 @@ def test_recomputation_under_activation_checkpointing_is_not_counted(reentrant: 
     assert act.rows == 40  # the input's rows, not 80
     assert act.dead_indices.tolist() == [5]
     assert monitor.report().layers.keys() == {"act"}  # no "act#2" from the recomputation
+
+
+class CheckpointedBlock(nn.Module):
+    """The checkpointed part is itself a module, which a user also calls directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(OrderedDict(fc=nn.Linear(6, 16), act=nn.ReLU()))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
+@pytest.fixture(params=[True, False], ids=["early-stop", "full-recompute"])
+def early_stop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Non-reentrant checkpointing stops recomputing once the saved tensors are back (hooks of
+    later modules do not run); without early stop every recomputed module runs its hooks."""
+    with set_checkpoint_early_stop(request.param):
+        yield
+
+
+@pytest.mark.usefixtures("early_stop")
+def test_recomputation_of_an_entry_module_is_not_a_forward() -> None:
+    model = CheckpointedBlock()
+    with neuronwatch.watch(model, compile=False, min_rows=1) as monitor:
+        model.block(torch.randn(3, 6))  # called through another path: becomes an entry
+        for _ in range(2):
+            model(torch.randn(20, 6)).sum().backward()  # block() runs again in backward
+        assert monitor.report().layers["block.act"].rows == 3 + 40
+
+
+@pytest.mark.usefixtures("early_stop")
+def test_recomputation_adds_no_hooks() -> None:
+    model = CheckpointedMLP(reentrant=False)
+    with neuronwatch.watch(model, compile=False, min_rows=1) as monitor:
+        with torch.no_grad():
+            model(torch.randn(4, 6))  # the traced forward; its tracer hooks are gone after it
+        hooks = monitor.sources[0].hooks
+        for _ in range(2):
+            model(torch.randn(4, 6)).sum().backward()
+        assert monitor.sources[0].hooks == hooks  # no entry found in backward's frames
 
 
 # -- methods other than forward -------------------------------------------------------------------
