@@ -174,10 +174,12 @@ def train(
     lr: float = DEFAULT_LR,
     data: Digits | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_watch: Callable[[neuronwatch.Monitor], None] | None = None,
 ) -> Run:
     """Train one MLP on the digits under a neuronwatch monitor and report the last epoch.
 
-    ``on_epoch`` is called after every epoch (for a progress display).
+    ``on_epoch`` is called after every epoch (for a progress display); ``on_watch`` with the
+    monitor before training starts (e.g. to export it: ``PrometheusExporter.add``).
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
@@ -189,7 +191,7 @@ def train(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report, accuracy = _fit(activation, epochs, seed, lr, data, on_epoch)
+        report, accuracy = _fit(activation, epochs, seed, lr, data, on_epoch, on_watch)
     finally:
         torch.set_num_threads(threads)
     return Run(activation, report, accuracy, time.perf_counter() - started)
@@ -202,6 +204,7 @@ def _fit(
     lr: float,
     data: Digits,
     on_epoch: Callable[[EpochRecord], None] | None,
+    on_watch: Callable[[neuronwatch.Monitor], None] | None = None,
 ) -> tuple[Report, float]:
     rows = data.x_train.shape[0]
     batches = math.ceil(rows / BATCH_SIZE)  # training steps per epoch (see epoch_batches)
@@ -217,6 +220,8 @@ def _fit(
     with neuronwatch.watch(
         model, name=name, compile=False, window=batches, min_rows=rows
     ) as monitor:
+        if on_watch is not None:
+            on_watch(monitor)
         accuracy = 0.0
         for epoch in range(1, epochs + 1):
             model.train()
@@ -256,6 +261,7 @@ def run_demo(
     seed: int = DEFAULT_SEED,
     lr: float = DEFAULT_LR,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_watch: Callable[[neuronwatch.Monitor], None] | None = None,
 ) -> list[Run]:
     """Train every activation of :data:`ACTIVATIONS` with the same seed, initial weights and
     data, saving each report to ``out/<activation>``."""
@@ -269,6 +275,7 @@ def run_demo(
             lr=lr,
             data=data,
             on_epoch=on_epoch,
+            on_watch=on_watch,
         )
         runs.append(dataclasses.replace(run, saved=run.report.save(out / activation)))
     return runs

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -114,6 +114,7 @@ class Monitor:
         self._paused = False
         self._closed = False
         self._latest: Snapshot | None = None
+        self._subscribers: list[Callable[[Snapshot], object]] = []
         # -inf: the first finished forward of a serving process publishes at once.
         self._last_flush = -math.inf
 
@@ -129,6 +130,34 @@ class Monitor:
         with self._flush_lock:
             self._sources.append(source)
         return source
+
+    def subscribe(self, callback: Callable[[Snapshot], object]) -> Callable[[], None]:
+        """Call ``callback(snapshot)`` with every snapshot the monitor publishes, from the
+        thread that flushed (keep it quick: it runs on the training or serving thread). Returns
+        a function that unsubscribes. Exceptions are logged, never raised into training.
+
+        >>> monitor.subscribe(neuronwatch.alerts.Alerts().check)   # doctest: +SKIP
+        """
+        if not callable(callback):
+            raise ConfigError(f"subscribe() takes a callable, got {callback!r}")
+        with self._flush_lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._flush_lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _publish(self, snapshot: Snapshot) -> Snapshot:
+        self._latest = snapshot
+        for callback in list(self._subscribers):
+            try:
+                callback(snapshot)
+            except Exception:
+                log.exception("snapshot subscriber %r failed", callback)
+        return snapshot
 
     @property
     def sources(self) -> tuple[ActivationSource, ...]:
@@ -198,16 +227,17 @@ class Monitor:
                 for layer, partials in source.drain():
                     self.engine.update(layer, partials)
             self._last_flush = time.monotonic()
-            self._latest = self.engine.snapshot()
-            return self._latest
+            return self._publish(self.engine.snapshot())
 
     def rollover(self, windows: int = 1) -> Snapshot:
         """Flush, then close the engine's current window."""
         with self._flush_lock:
-            self.flush()
+            for source in self._sources:
+                for layer, partials in source.drain():
+                    self.engine.update(layer, partials)
+            self._last_flush = time.monotonic()
             self.engine.rollover(windows)
-            self._latest = self.engine.snapshot()
-            return self._latest
+            return self._publish(self.engine.snapshot())
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import click
 from .._version import __version__
 from .check import check
 from .demo import demo
+from .grafana import grafana
 from .plot import plot
 from .show import show
 
@@ -25,5 +26,5 @@ def main() -> None:
     """Find dead, dormant and saturated neurons."""
 
 
-for command in (check, demo, plot, show):
+for command in (check, demo, grafana, plot, show):
     main.add_command(command)

@@ -1,0 +1,206 @@
+"""The Prometheus exporter proper: what a scrape of one or more snapshot sources returns.
+
+:class:`PrometheusExporter` reads each source's latest snapshot, computes its values once
+(:func:`neuronwatch.metric_values.read`) and caches the exposition until the next snapshot, so
+20 scrapes a second cost one rendering per flush. :class:`NeuronwatchCollector` hands the same
+families to a prometheus_client registry.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from neuronwatch.errors import ConfigError, MissingExtraError
+from neuronwatch.metric_families import FAMILIES, validate_labels
+from neuronwatch.metric_values import Reading, check_patterns, check_source, read
+from neuronwatch.monitor import SnapshotSource
+from neuronwatch.snapshot import Snapshot
+
+from .prometheus_text import CONTENT_TYPE_OPENMETRICS, CONTENT_TYPE_TEXT, choose_format, render
+
+__all__ = ["NeuronwatchCollector", "PrometheusExporter", "as_exporter"]
+
+log = logging.getLogger(__name__)
+
+
+class PrometheusExporter:
+    """Renders the latest snapshot of one or more sources (one per watched model).
+
+    - ``labels``: constant labels on every series (``{"run": "exp-3", "rank": 0}``).
+    - ``layers``: globs; only matching layers are exported (``["blocks.*.mlp.act"]``).
+    - ``window``: ``auto`` (the last complete window, else lifetime), ``current``, ``last`` or
+      ``lifetime``.
+    """
+
+    def __init__(
+        self,
+        *sources: SnapshotSource,
+        labels: Mapping[str, object] | None = None,
+        layers: Sequence[str] | None = None,
+        window: str = "auto",
+    ) -> None:
+        self.labels = validate_labels(labels)
+        self.layers = check_patterns(layers)
+        if window not in ("auto", "current", "last", "lifetime"):
+            raise ConfigError(
+                f"window must be one of 'auto', 'current', 'last', 'lifetime'; got {window!r}"
+            )
+        self.window = window
+        self._sources: list[SnapshotSource] = []
+        self._lock = threading.Lock()
+        self._readings: dict[int, Reading] = {}
+        self._key: tuple[Snapshot, ...] = ()
+        self._rendered: dict[tuple[bool, bool], bytes] = {}
+        self._duplicates_logged: set[str] = set()
+        for source in sources:
+            self.add(source)
+
+    def add(self, source: SnapshotSource) -> None:
+        """Export one more source (e.g. the next model a script trains)."""
+        check_source(source)
+        with self._lock:
+            self._sources.append(source)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _snapshots(self) -> tuple[Snapshot, ...]:
+        """Each source's latest snapshot, read once; one per model name."""
+        seen: dict[str, Snapshot] = {}
+        for source in list(self._sources):
+            snapshot = source.latest
+            if snapshot is None:
+                continue
+            if snapshot.model in seen:
+                # Two sources of one model name would give duplicate series: keep the first.
+                if snapshot.model not in self._duplicates_logged:
+                    self._duplicates_logged.add(snapshot.model)
+                    log.warning(
+                        "two watched models are both called %r; exporting the first only "
+                        "(give each a name: neuronwatch.watch(model, name=...))",
+                        snapshot.model,
+                    )
+                continue
+            seen[snapshot.model] = snapshot
+        return tuple(seen.values())
+
+    def _readings_of(self, snapshots: tuple[Snapshot, ...]) -> list[Reading]:
+        readings = []
+        for snapshot in snapshots:
+            reading = self._readings.get(id(snapshot))
+            if reading is None or reading.snapshot is not snapshot:
+                reading = read(snapshot, self.window, self.layers)
+            readings.append(reading)
+        # Keep only the current ones: each holds its snapshot, so an id is never reused.
+        self._readings = {id(r.snapshot): r for r in readings}
+        return readings
+
+    def readings(self) -> list[Reading]:
+        """What one scrape exports now, one reading per model."""
+        with self._lock:
+            return self._readings_of(self._snapshots())
+
+    def render(self, openmetrics: bool = False, compress: bool = False) -> bytes:
+        """The exposition of the latest snapshots, rendered once per snapshot and format."""
+        with self._lock:  # concurrent scrapes of a new snapshot render it once, not n times
+            snapshots = self._snapshots()
+            if len(snapshots) != len(self._key) or any(
+                a is not b for a, b in zip(snapshots, self._key, strict=True)
+            ):
+                self._key, self._rendered = snapshots, {}
+            return self._body(openmetrics, compress)
+
+    def _body(self, openmetrics: bool, compress: bool) -> bytes:
+        body = self._rendered.get((openmetrics, compress))
+        if body is None:
+            if compress:
+                body = gzip.compress(self._body(openmetrics, False), compresslevel=1)
+            else:
+                body = render(self._readings_of(self._key), self.labels, openmetrics)
+            self._rendered[(openmetrics, compress)] = body
+        return body
+
+    def respond(
+        self, accept: str | None, accept_encoding: str | None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """HTTP status, headers and body of a scrape with these request headers."""
+        openmetrics = choose_format(accept)
+        compress = "gzip" in (accept_encoding or "").lower()
+        body = self.render(openmetrics, compress)
+        headers = [("Content-Type", CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT)]
+        if compress:
+            headers.append(("Content-Encoding", "gzip"))
+        return 200, headers, body
+
+    def collector(self) -> NeuronwatchCollector:
+        """A prometheus_client collector of the same families, for an existing registry."""
+        return NeuronwatchCollector(self)
+
+
+class NeuronwatchCollector:
+    """prometheus_client ``Collector``: ``REGISTRY.register(exporter.collector())``."""
+
+    def __init__(self, exporter: PrometheusExporter) -> None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError as exc:
+            raise MissingExtraError("prometheus_client", "prometheus") from exc
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeHistogramMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
+        readings = self.exporter.readings()
+        constant = list(self.exporter.labels.values())
+        for family in FAMILIES:
+            points = [
+                (labels, value)
+                for reading in readings
+                for labels, value in zip(
+                    reading.series[family.name].labels,
+                    reading.series[family.name].values,
+                    strict=True,
+                )
+            ]
+            if not points:
+                continue
+            base = family.labels[: len(family.labels) - len(family.info_labels)]
+            names = [*base, *self.exporter.labels]
+            metric: Any
+            if family.kind == "info":
+                metric = InfoMetricFamily(family.name, family.help, labels=names)
+                for values, _ in points:
+                    info = dict(zip(family.info_labels, values[len(base) :], strict=True))
+                    metric.add_metric([*values[: len(base)], *constant], info)
+            elif family.kind == "gaugehistogram":
+                metric = GaugeHistogramMetricFamily(
+                    family.name, family.help, labels=names, unit=family.unit
+                )
+                for values, value in points:
+                    buckets = list(zip(family.bucket_labels, value.buckets, strict=True))
+                    metric.add_metric([*values, *constant], buckets, value.gsum)
+            else:
+                kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+                metric = kind(family.name, family.help, labels=names, unit=family.unit)
+                for values, value in points:
+                    metric.add_metric([*values, *constant], value)
+            yield metric
+
+
+def as_exporter(
+    source: SnapshotSource | PrometheusExporter, options: dict[str, Any]
+) -> PrometheusExporter:
+    """``source`` itself if it is an exporter, else a new exporter of it with ``options``."""
+    if isinstance(source, PrometheusExporter):
+        if options:
+            raise ConfigError(f"pass {sorted(options)} to the PrometheusExporter, not next to it")
+        return source
+    return PrometheusExporter(source, **options)
