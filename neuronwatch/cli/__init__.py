@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from .._version import __version__
+from .audit import audit
 from .check import check
 from .demo import demo
 from .grafana import grafana
@@ -26,5 +27,5 @@ def main() -> None:
     """Find dead, dormant and saturated neurons."""
 
 
-for command in (check, demo, grafana, plot, show):
+for command in (audit, check, demo, grafana, plot, show):
     main.add_command(command)

@@ -1,0 +1,219 @@
+"""``neuronwatch audit``: real ONNX files and data through the command, its errors as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner, Result
+from onnx import helper
+from onnx_fixtures import DEAD, MLP, Encoder, encoder_batches, export
+
+from neuronwatch import Report
+from neuronwatch.cli.audit import audit
+from neuronwatch.errors import ConfigError
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(audit, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mlp")
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    return export(MLP(), {"x": x}, folder / "mlp.onnx", dynamo=False)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    x = np.random.default_rng(1).standard_normal((300, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    return tmp_path / "data.npz"
+
+
+def test_audit_writes_report_plots_and_page(mlp_file: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "audit"
+    result = invoke(
+        mlp_file, "--data", data, "--out", out, "--min-rows", "100", "--provider", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    assert "on CPUExecutionProvider" in result.output
+    assert "300/300" in result.output
+    assert "rows/s" in result.output
+    assert {"report.json", "report.npz", "index.html"} <= {p.name for p in out.iterdir()}
+    assert len(list(out.glob("*.png"))) >= 3
+    report = Report.load(out)
+    assert report.layers["act"].rows == 300
+    assert report.layers["act"].dead_indices.tolist() == DEAD
+    assert report.meta["onnx"]["provider"] == "CPUExecutionProvider"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]
+
+
+def test_budget_fails_the_build_and_writes_a_summary(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    summary = tmp_path / "gate.json"
+    result = invoke(
+        mlp_file, "--data", data, "--out", tmp_path / "audit", "--min-rows", "100",
+        "--max-dead-ratio", "0.1", "--summary-json", summary, "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "over budget: act [post]: dead 0.1875 (3 of 16 neurons) > max 0.1" in result.output
+    assert json.loads(summary.read_text())["exit_code"] == 1
+    passed = invoke(
+        mlp_file, "--data", data, "--out", tmp_path / "audit", "--min-rows", "100",
+        "--max-dead-ratio", "0.2", "--quiet",
+    )  # fmt: skip
+    assert passed.exit_code == 0, passed.output
+
+
+def test_shard_directory_and_random_data(mlp_file: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        np.save(shards / f"{i}.npy", rng.standard_normal((70, 8)).astype(np.float32))
+    result = invoke(mlp_file, "--data", shards, "--out", tmp_path / "a", "--batch", "16", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Report.load(tmp_path / "a").layers["act"].rows == 210
+    result = invoke(mlp_file, "--random", "40", "--out", tmp_path / "b", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Report.load(tmp_path / "b").layers["act"].rows == 40
+
+
+def test_transformer_audit_leaves_pad_positions_out(tmp_path: Path) -> None:
+    batches = encoder_batches(n=2)
+    model = export(Encoder(), batches[0], tmp_path / "encoder.onnx", dynamo=False)
+    np.savez(
+        tmp_path / "tokens.npz",
+        input_ids=np.concatenate([b["input_ids"] for b in batches]),
+        attention_mask=np.concatenate([b["attention_mask"] for b in batches]),
+    )
+    result = invoke(
+        model,
+        "--data",
+        tmp_path / "tokens.npz",
+        "--out",
+        tmp_path / "out",
+        "--batch",
+        "4",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    report = Report.load(tmp_path / "out")
+    assert [s.rows for s in report.layers.values()] == [real, real]
+
+
+def _one_line_error(result: Result, message: str, out: Path) -> None:
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), result.output
+    assert message in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_no_output(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello")
+    _one_line_error(invoke(text, "--data", data, "--out", out), "not an ONNX model", out)
+    whole = mlp_file.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 3])
+    _one_line_error(
+        invoke(tmp_path / "cut.onnx", "--data", data, "--out", out), "truncated or corrupt", out
+    )
+    np.savez(tmp_path / "names.npz", inputs=np.zeros((4, 8), np.float32))
+    _one_line_error(
+        invoke(mlp_file, "--data", tmp_path / "names.npz", "--out", out),
+        "no array for model input(s) ['x']",
+        out,
+    )
+    np.savez(tmp_path / "shape.npz", x=np.zeros((4, 9), np.float32))
+    _one_line_error(
+        invoke(mlp_file, "--data", tmp_path / "shape.npz", "--out", out),
+        "has shape (4, 9) but the model takes ('?', 8)",
+        out,
+    )
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((4, 8), np.int64))
+    _one_line_error(
+        invoke(mlp_file, "--data", tmp_path / "dtype.npz", "--out", out),
+        "is int64 but the model takes float32",
+        out,
+    )
+    (tmp_path / "empty.npz").write_bytes(b"")
+    _one_line_error(
+        invoke(mlp_file, "--data", tmp_path / "empty.npz", "--out", out),
+        "the data file is empty",
+        out,
+    )
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 8])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 8])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    _one_line_error(
+        invoke(tmp_path / "plain.onnx", "--data", data, "--out", out), "no activation to watch", out
+    )
+
+
+def test_an_opset_newer_than_onnx_runtime_reads(data: Path, tmp_path: Path) -> None:
+    built = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 8])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 8])],
+        ),
+        opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version())],
+    )
+    onnx.save(built, str(tmp_path / "new.onnx"))
+    out = tmp_path / "out"
+    _one_line_error(
+        invoke(tmp_path / "new.onnx", "--data", data, "--out", out),
+        "export with an older opset",
+        out,
+    )
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(
+    mlp_file: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import neuronwatch.plots
+
+    def broken(report: Report, directory: Path) -> list[Path]:
+        raise ConfigError("plots failed")
+
+    monkeypatch.setattr(neuronwatch.plots, "write_plots", broken)
+    out = tmp_path / "out"
+    _one_line_error(invoke(mlp_file, "--data", data, "--out", out), "plots failed", out)
+
+
+def test_a_failed_audit_keeps_the_previous_report(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "audit"
+    assert invoke(mlp_file, "--data", data, "--out", out, "--quiet").exit_code == 0
+    before = (out / "report.json").read_bytes()
+    (tmp_path / "bad.npz").write_bytes(b"")
+    assert invoke(mlp_file, "--data", tmp_path / "bad.npz", "--out", out).exit_code != 0
+    assert (out / "report.json").read_bytes() == before
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+    result = invoke(mlp_file, "--data", data, "--out", tmp_path / "elsewhere")
+    assert result.exit_code != 0
+    assert "holds something other than a report" in result.output
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,187 @@
+"""In-graph reductions equal the numpy reference (``neuronwatch.reduce``) field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from neuronwatch.adapters.onnx import watch_session
+from onnx import TensorProto, helper
+from onnx_graphs import FLOAT, activation, init, model, tensor
+
+from neuronwatch.partials import Partials
+from neuronwatch.reduce import as_rows, reduce_rows
+
+EXACT = ("fired", "saturated", "nonfinite", "max", "min", "histogram")
+SUMS = ("abs_sum", "sum", "sq_sum")
+
+
+def run(built: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options: Any) -> Any:
+    session = watch_session(
+        built, provider="cpu", histogram_every=1, flush_interval=None, strict=True, **options
+    )
+    for feed in feeds:
+        session.run(None, feed)
+    return session
+
+
+def assert_matches(got: Partials, want: Partials) -> None:
+    assert got.rows == want.rows
+    for name in EXACT:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for name in SUMS:
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4, err_msg=name
+        )
+
+
+def planted(rows: int, neurons: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, neurons)) * 3).astype(np.float32)
+    x[:, 1] = -np.abs(x[:, 1])  # never fires through ReLU
+    return x
+
+
+def test_relu_statistics_equal_the_numpy_reference_over_several_runs() -> None:
+    feeds = [{"x": planted(50, 6, seed)} for seed in range(3)]
+    session = run(activation("Relu"), feeds)
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(
+        np.maximum(np.concatenate([f["x"] for f in feeds]), 0).astype(np.float64), config
+    )
+    got = session.monitor.report("lifetime").layers["act"].partials
+    assert_matches(got, want)
+    assert got.fired[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("cells", "nonfinite"),
+    [
+        ({(3, 0): np.nan, (7, 2): np.inf, (9, 2): -np.inf, (11, 4): np.inf}, [1, 0, 1, 0, 1, 0]),
+        ({(5, 3): np.inf}, [0, 0, 0, 1, 0, 0]),  # +Inf alone: the sums are inf, not NaN
+    ],
+)
+def test_non_finite_values_are_left_out_and_counted(
+    cells: dict[tuple[int, int], float], nonfinite: list[int]
+) -> None:
+    x = planted(40, 6)
+    for cell, value in cells.items():
+        x[cell] = value
+    session = run(activation("Relu"), [{"x": x}])
+    config = session.monitor.engine.config("act")
+    relu = np.where(np.isnan(x), np.nan, np.maximum(x, 0)).astype(np.float64)
+    want = reduce_rows(relu, config)
+    got = session.monitor.report("lifetime").layers["act"].partials
+    assert_matches(got, want)
+    assert got.nonfinite.tolist() == nonfinite  # relu(-inf) = 0 is finite
+
+
+def test_relu6_saturation_from_clip() -> None:
+    x = planted(60, 6)
+    x[:, 3] = 8.0  # always on the upper plateau
+    clip = activation(
+        "Clip",
+        extra_inputs=["lo", "hi"],
+        initializers=[init("lo", np.float32(0)), init("hi", np.float32(6))],
+    )
+    session = run(clip, [{"x": x}])
+    stats = session.monitor.report("lifetime").layers["act"]
+    assert stats.config.activation == "ReLU6"
+    want = reduce_rows(np.clip(x, 0, 6).astype(np.float64), stats.config)
+    assert_matches(stats.partials, want)
+    assert stats.partials.saturated[3] == 60
+
+
+@pytest.mark.parametrize(
+    ("elem", "dtype"), [(TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)]
+)
+def test_fp16_is_reduced_in_float32_and_float64_in_float64(elem: int, dtype: type) -> None:
+    x = planted(30, 6).astype(dtype)
+    session = run(activation("Relu", elem=elem), [{"x": x}])
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x, 0).astype(np.float64), config)
+    assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
+
+
+def test_histogram_only_on_sampled_runs() -> None:
+    feeds = [{"x": planted(20, 6, seed)} for seed in range(4)]
+    session = watch_session(
+        activation("Relu"), provider="cpu", histogram_every=2, flush_interval=None
+    )
+    for feed in feeds:
+        session.run(None, feed)
+    config = session.monitor.engine.config("act")
+    sampled = np.concatenate([feeds[0]["x"], feeds[2]["x"]])
+    want = reduce_rows(np.maximum(sampled, 0).astype(np.float64), config).histogram
+    got = session.monitor.report("lifetime").layers["act"].partials
+    np.testing.assert_array_equal(got.histogram, want)
+    assert got.rows == 80
+
+
+def _masked_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")]
+    return model(
+        nodes,
+        [
+            tensor("x", FLOAT, ["batch", "tokens", 4]),
+            tensor("attention_mask", TensorProto.INT64, ["batch", "tokens"]),
+        ],
+        [tensor("y", FLOAT, ["batch", "tokens", 4])],
+    )
+
+
+def test_pad_rows_are_left_out_through_the_attention_mask() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int64)
+    x[mask == 0] = 50.0  # pad rows would fire everywhere and dominate every sum
+    session = run(_masked_model(), [{"x": x, "attention_mask": mask}])
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x[mask == 1], 0).astype(np.float64), config)
+    assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
+    unmasked = run(_masked_model(), [{"x": x, "attention_mask": mask}], mask=None)
+    assert unmasked.monitor.report("lifetime").layers["act"].rows == 15
+
+
+def test_conv_channels_are_the_neurons() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv"),
+        helper.make_node("Relu", ["c"], ["y"], name="/act/Relu"),
+    ]
+    built = model(
+        nodes,
+        [tensor("x", FLOAT, ["b", 2, 6, 6])],
+        [tensor("y", FLOAT, ["b", 4, 4, 4])],
+        [init("conv.weight", weight)],
+    )
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    session = run(built, [{"x": x}])
+    plain = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = plain.run(None, {"x": x})[0]
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(as_rows(values, 1, "act"), config)
+    got = session.monitor.report("lifetime")
+    assert got.wiring["act"].feature_axis == 1
+    assert got.layers["act"].rows == 2 * 4 * 4
+    assert_matches(got.layers["act"].partials, want)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 18, 20])
+def test_every_supported_opset(opset: int) -> None:
+    x = planted(25, 6)
+    session = run(activation("Relu", opset=opset), [{"x": x}])
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x, 0).astype(np.float64), config)
+    assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
+
+
+def test_newest_ir_version_is_lowered_for_onnx_runtime() -> None:
+    built = activation("Relu")
+    built.ir_version = onnx.IR_VERSION  # what onnx.helper.make_model writes today
+    session = run(built, [{"x": planted(5, 6)}])
+    assert session.monitor.report("lifetime").layers["act"].rows == 5
