@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import onnx_minilm  # noqa: E402
+import onnx_minilm
 
 BATCH, MAX_TOKENS = 32, 128
 
