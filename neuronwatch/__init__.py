@@ -12,6 +12,7 @@ from ._version import __version__
 from .config import LayerConfig
 from .engine import Engine
 from .errors import (
+    CheckpointError,
     ConfigError,
     MergeError,
     MissingExtraError,
@@ -40,6 +41,7 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "adapters" / "torch
 __all__ = [
     "STATES",
     "ActivationSource",
+    "CheckpointError",
     "ConfigError",
     "Engine",
     "Family",

@@ -23,6 +23,10 @@ class MergeError(NeuronwatchError, ValueError):
     """Two engines, windows or reports cannot be merged (different layers, thresholds or edges)."""
 
 
+class CheckpointError(NeuronwatchError, ValueError):
+    """A checkpoint is unreadable, hostile, or does not fit the report; nothing was written."""
+
+
 class ReportError(NeuronwatchError, ValueError):
     """A report directory is missing, incomplete or from an unknown schema version."""
 

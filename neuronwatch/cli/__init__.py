@@ -16,6 +16,7 @@ from .check import check
 from .demo import demo
 from .grafana import grafana
 from .plot import plot
+from .rescue import rescue
 from .show import show
 
 __all__ = ["main"]
@@ -27,5 +28,5 @@ def main() -> None:
     """Find dead, dormant and saturated neurons."""
 
 
-for command in (audit, check, demo, grafana, plot, show):
+for command in (audit, check, demo, grafana, plot, rescue, show):
     main.add_command(command)

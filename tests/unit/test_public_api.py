@@ -18,6 +18,7 @@ FRAMEWORKS = ("torch", "onnx", "onnxruntime", "prometheus_client", "opentelemetr
 PUBLIC = {
     "STATES": "neuronwatch.states",
     "ActivationSource": "neuronwatch.monitor",
+    "CheckpointError": "neuronwatch.errors",
     "ConfigError": "neuronwatch.errors",
     "Engine": "neuronwatch.engine",
     "Family": "neuronwatch.families",
