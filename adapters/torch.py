@@ -88,6 +88,25 @@ def _activation_params(module: nn.Module) -> dict[str, Any]:
     return params
 
 
+def _fitting(refs: tuple[ParamRef, ...], neurons: int | None, layer: str) -> tuple[ParamRef, ...]:
+    """The parameters whose neuron axis has as many entries as the layer has neurons; any other
+    is a wrong guess of the walk (a reshape between producer and activation) and is dropped."""
+    if neurons is None:
+        return refs
+    kept = tuple(ref for ref in refs if ref.shape[ref.axis] == neurons)
+    for ref in refs:
+        if ref not in kept:
+            log.debug(
+                "layer %r: %s (shape %s, axis %d) does not index its %d neurons; left out",
+                layer,
+                ref.name,
+                ref.shape,
+                ref.axis,
+                neurons,
+            )
+    return kept
+
+
 def _report_axis(accumulator: LayerAccumulator, x: torch.Tensor) -> int:
     """The neuron axis as reports state it: -1 when the neurons are the last axis (Linear
     outputs of any rank), else the axis counted from the front (1 for batched conv maps)."""
@@ -506,6 +525,10 @@ class TorchSource:
 
     # -- wiring ---------------------------------------------------------------------------------
 
+    def _neurons(self, probe: _Probe, index: int) -> int | None:
+        accumulator = probe.sites[index].accumulator if index < len(probe.sites) else None
+        return accumulator.neurons if accumulator is not None else None
+
     def _finish_trace(self) -> None:
         tracer = self._tracer
         tracer.exit_functions()
@@ -516,7 +539,16 @@ class TorchSource:
                 wiring = probe.fixed_wiring or tracer.wiring_for(
                     probe.module, index, tensor, axis, consumes_itself=probe.consumes_itself
                 )
-                self.monitor.engine.set_wiring(layer, replace(wiring, feature_axis=axis))
+                neurons = self._neurons(probe, index)
+                self.monitor.engine.set_wiring(
+                    layer,
+                    replace(
+                        wiring,
+                        feature_axis=axis,
+                        produces=_fitting(wiring.produces, neurons, layer),
+                        consumes=_fitting(wiring.consumes, neurons, layer),
+                    ),
+                )
             for function, consumer in tracer.unwatched_functions(watched):
                 self._log_once(
                     f"functional:{consumer}",
@@ -622,7 +654,22 @@ def _probes(
     probes: list[_Probe] = []
     for name in chosen:
         if name in functional:
-            probes.append(functional[name])
+            probe = functional[name]
+            probes.append(probe)
+            if pre:  # the functional activation's input: linear1's output
+                linear1 = modules[probe.module_name.removesuffix("dropout") + "linear1"]
+                probes.append(
+                    replace(
+                        probe,
+                        base=f"{name}:pre",
+                        module_name=probe.module_name.removesuffix("dropout") + "linear1",
+                        module=linear1,
+                        watch="output",
+                        kind="pre",
+                        activation=None,
+                        sites=[],
+                    )
+                )
             continue
         module = modules[name]
         activation = type(module).__name__

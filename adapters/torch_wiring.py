@@ -455,7 +455,13 @@ class WiringTracer:
         ``module`` consumes them; otherwise its outputs are followed to the consumers.
         """
         call = self.call_of(module, call_index)
-        if call is not None and call.inputs:
+        own = (
+            producer_params(call.name, module) if call is not None and not consumes_itself else None
+        )
+        if call is not None and own is not None:
+            # A watched Linear/Conv (layers=["*.fc1"]): its own outputs are the neurons.
+            producer, produces = call.name, own
+        elif call is not None and call.inputs:
             version = call.input_versions[0] if call.input_versions else -1
             producer, produces = self.producer(call.inputs[0], call.order, version)
         else:

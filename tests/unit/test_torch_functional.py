@@ -156,3 +156,28 @@ def test_a_pure_functional_model_with_inputs_needs_no_activation_module() -> Non
     with neuronwatch.watch(model, inputs=["fc2"], compile=False, min_rows=1) as monitor:
         model(torch.randn(2, 3))
         assert monitor.report().layers["fc2:input"].rows == 2
+
+
+def test_pre_watches_the_input_of_a_functional_transformer_activation() -> None:
+    model = encoder().eval()
+    x = torch.randn(2, 5, 16)
+    with neuronwatch.watch(model, compile=False, min_rows=5, pre=True) as monitor:
+        model(x)
+        report = monitor.report()
+    pre = report.layers["layers.0.activation:pre"]
+    post = report.layers["layers.0.activation"]
+    assert pre.kind == "pre"
+    assert pre.rows == post.rows == 10
+    assert (pre.partials.max[[3, 30]] < -40).all()  # the planted -50 bias, before the ReLU
+    assert report.wiring["layers.0.activation:pre"] == report.wiring["layers.0.activation"]
+
+
+def test_a_watched_linear_is_its_own_producer() -> None:
+    model = FunctionalMLP()
+    with neuronwatch.watch(model, layers=["fc2"], compile=False, min_rows=1) as monitor:
+        model(torch.randn(4, 4))
+        report = monitor.report()
+    wiring = report.wiring["fc2"]
+    assert wiring.producer == "fc2"
+    assert {p.name for p in wiring.produces} == {"fc2.weight", "fc2.bias"}
+    assert report.active_parameter_ratio() is not None  # consistent with fc2's 12 neurons
