@@ -455,9 +455,8 @@ class WiringTracer:
         ``module`` consumes them; otherwise its outputs are followed to the consumers.
         """
         call = self.call_of(module, call_index)
-        own = (
-            producer_params(call.name, module) if call is not None and not consumes_itself else None
-        )
+        own = None if call is None or consumes_itself else producer_params(call.name, module)
+        producer: str | None
         if call is not None and own is not None:
             # A watched Linear/Conv (layers=["*.fc1"]): its own outputs are the neurons.
             producer, produces = call.name, own
