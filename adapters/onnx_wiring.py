@@ -41,6 +41,8 @@ _LAST_AXIS = frozenset({"MatMul", "Gemm", "FusedGemm", "FusedMatMul", "LayerNorm
 # Consumers that reshape or gate the neurons: what they feed is not a plain linear read.
 _NON_LINEAR = frozenset({"Mul", "Div", "Reshape", "Transpose", "Split", "Slice", "Flatten"})
 _MAX_STEPS = 32
+
+
 @dataclass(frozen=True)
 class ParamLink:
     """One parameter attached to a layer's neurons.

@@ -34,12 +34,34 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+# Modules that keep every neuron on its axis: the neurons after them are the neurons before them
+# (dropout, identity, and the channel-preserving spatial ops between a conv and its activation).
+_PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd, nn.Upsample, nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+)  # fmt: skip
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 _INSTANCE_NORM = nn.modules.instancenorm._InstanceNorm
 _PER_CHANNEL = (_BATCH_NORM, nn.LayerNorm, nn.GroupNorm, _INSTANCE_NORM)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# Functions that produce neurons on a known axis (functional layers and norms, e.g. inside
+# timm's BatchNormAct2d): the walk for a neuron axis stops there. -1: the last axis; 1: channels
+# of a batched map; None: from the weight's rank (conv: -(rank - 1)).
+AXIS_FUNCTIONS: dict[Callable[..., Any], int | None] = {
+    torch.nn.functional.linear: -1,
+    torch.nn.functional.layer_norm: -1,
+    torch.nn.functional.batch_norm: 1,
+    torch.nn.functional.group_norm: 1,
+    torch.nn.functional.instance_norm: 1,
+    torch.nn.functional.conv1d: None,
+    torch.nn.functional.conv2d: None,
+    torch.nn.functional.conv3d: None,
+}
 
 # Elementwise activation functions (and their in-place forms) -> activation class name.
 ACTIVATION_FUNCTIONS: dict[Callable[..., Any], str] = {
@@ -81,7 +103,11 @@ def feature_axis_of(module: nn.Module) -> int | None:
     maps), which is right for batched ``[B, C, H, W]`` and unbatched ``[C, H, W]`` inputs alike;
     BatchNorm and GroupNorm always see a batch, so their channels are axis 1.
     """
-    if isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm) or _is_hf_conv1d(module):
+    # Only nn.LayerNorm itself normalises the last axis; subclasses (timm's LayerNorm2d on NCHW
+    # maps) may permute, so their axis comes from what produced their input.
+    if isinstance(module, nn.Linear | nn.Embedding) or type(module) is nn.LayerNorm:
+        return -1
+    if _is_hf_conv1d(module):
         return -1
     if isinstance(module, _CONV + _CONV_T):
         return -(len(module.kernel_size) + 1)
@@ -169,6 +195,7 @@ class Call:
     inputs: list[int]
     outputs: list[int]
     function: str | None = None  # activation class name of a recorded function
+    axis: int | None = None  # neuron axis of a recorded functional layer or norm
     input_versions: list[int] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)
 
@@ -191,8 +218,17 @@ class _FunctionRecorder(TorchFunctionMode):
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         before = _version(first) if activation is not None and first is not None else -1
         result = func(*args, **(kwargs or {}))
-        if activation is not None and first is not None:
+        if first is None or self.tracer.closed:
+            return result
+        if activation is not None:
             self.tracer.record_function(activation, first, before, result)
+        elif func in AXIS_FUNCTIONS:
+            axis = AXIS_FUNCTIONS[func]
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            if axis is None and isinstance(weight, torch.Tensor):
+                axis = -(weight.dim() - 1)  # conv{n}d weight [out, in, *k]: channels -(n + 1)
+            if axis is not None:
+                self.tracer.record_axis(func.__name__, first, result, axis)
         return result
 
 
@@ -201,7 +237,9 @@ class WiringTracer:
     """Records the calls of one forward pass; its hooks live only while it records."""
 
     model: nn.Module
-    functions: bool = True
+    # A torch.compile'd model: no TorchFunctionMode inside dynamo's trace, and the recorders run
+    # outside it.
+    compiled: bool = False
     calls: list[Call] = field(default_factory=list)
     _handles: list[Any] = field(default_factory=list)
     _keep: list[torch.Tensor] = field(default_factory=list)  # ids stay unique while traced
@@ -222,6 +260,19 @@ class WiringTracer:
     def claimed(self) -> bool:
         return self._thread is not None
 
+    def claimed_elsewhere(self) -> bool:
+        """Another thread's forward is being traced."""
+        thread = self._thread
+        return thread is not None and thread != threading.get_ident()
+
+    def recording(self) -> bool:
+        """Calls of this thread go into the trace now."""
+        return self.active and self._recording()
+
+    @property
+    def closed(self) -> bool:
+        return not self._handles
+
     def claim(self) -> None:
         """Record only this thread's calls from now on (the thread of the traced forward)."""
         self._thread = threading.get_ident()
@@ -230,18 +281,26 @@ class WiringTracer:
         """Hook every leaf module from now on; calls of any thread are recorded until
         :meth:`claim`."""
         self.clear()
+        start: Callable[..., None] = self._start_recorder
+        # Under torch.compile, dynamo would trace these recorders into the graph (and recompile
+        # over their Python state): run them outside it.
+        keep_out: Callable[[Callable[..., Any]], Callable[..., Any]] = (
+            torch._dynamo.disable if self.compiled else (lambda fn: fn)
+        )
         try:
             for name, module in self.model.named_modules():
                 if next(module.children(), None) is None:
-                    self._handles.append(module.register_forward_pre_hook(self._start_recorder))
-                    self._handles.append(module.register_forward_hook(self._recorder(name)))
+                    self._handles.append(module.register_forward_pre_hook(keep_out(start)))
+                    self._handles.append(
+                        module.register_forward_hook(keep_out(self._recorder(name)))
+                    )
         except BaseException:
             self.clear()
             raise
 
     def enter_functions(self) -> None:
         """Record activation functions until :meth:`exit_functions` (one forward's span)."""
-        if not self.functions or self._mode is not None or not self.active:
+        if self.compiled or self._mode is not None or not self.active:
             return
         mode = _FunctionRecorder(self)
         try:
@@ -317,6 +376,15 @@ class WiringTracer:
 
         return record
 
+    def record_axis(self, name: str, x: torch.Tensor, result: Any, axis: int) -> None:
+        if not self._recording() or self._inside:
+            return
+        outputs = _tensors([result])
+        self._keep.extend([x, *outputs])
+        self.calls.append(
+            Call(len(self.calls), f"<{name}>", None, [id(x)], [id(t) for t in outputs], axis=axis)
+        )
+
     def record_function(
         self, activation: str, x: torch.Tensor, x_version: int, result: Any
     ) -> None:
@@ -376,9 +444,12 @@ class WiringTracer:
             if version >= 0 and produced >= 0 and produced != version:
                 return walked, None
             module = found.module
-            if module is not None and (
-                producer_params(found.name, module) is not None
-                or not isinstance(module, _PASS_THROUGH + _PER_CHANNEL)
+            if found.axis is not None or (
+                module is not None
+                and (
+                    producer_params(found.name, module) is not None
+                    or not isinstance(module, _PASS_THROUGH + _PER_CHANNEL)
+                )
             ):
                 return walked, found
             walked.append(found)
@@ -391,6 +462,8 @@ class WiringTracer:
         walking back through pass-through modules, or ``None``."""
         walked, end = self.walk_back(id(tensor), before)
         for call in [*walked, end]:
+            if call is not None and call.axis is not None:
+                return call.axis
             if call is not None and call.module is not None:
                 axis = feature_axis_of(call.module)
                 if axis is not None:
@@ -481,25 +554,66 @@ class WiringTracer:
             consumes=tuple(consumes),
         )
 
-    def unwatched_functions(self, watched: set[int]) -> list[tuple[str, str]]:
-        """Activation functions whose output reaches a Linear/Conv (through pass-through
-        modules) without being watched: ``(function, consumer)`` pairs, in call order."""
-        found: list[tuple[str, str]] = []
+    def unwatched_functions(self, watched: set[int]) -> list[Unwatched]:
+        """Activation functions applied to a layer's outputs (a Linear/Conv found walking back)
+        whose output no hook watched, with the module reading them when pass-through modules
+        lead to one. In call order."""
+        found: list[Unwatched] = []
         for call in self.calls:
             if call.function is None or watched.intersection(call.outputs):
                 continue
+            _, end = self.walk_back(call.inputs[0], call.order)
+            producer = (
+                end.name
+                if end is not None
+                and end.module is not None
+                and producer_params(end.name, end.module) is not None
+                else None
+            )
+            if producer is None:
+                continue  # not a layer's neurons (a gate on a computed tensor, say)
+            consumer: str | None = None
             frontier = set(call.outputs)
             for later in self.calls[call.order + 1 :]:
-                if not frontier.intersection(later.inputs) or later.module is None:
+                if not frontier.intersection(later.inputs):
                     continue
                 if watched.intersection(later.inputs):
+                    consumer = ""  # an inputs= layer watches it
                     break
-                if consumer_params(later.name, later.module) is not None:
-                    found.append((call.function, later.name))
+                if later.module is None or not isinstance(later.module, _PASS_THROUGH):
+                    if later.module is not None and consumer_params(later.name, later.module):
+                        consumer = later.name
                     break
-                if isinstance(later.module, _PASS_THROUGH):
-                    frontier.update(later.outputs)
+                frontier.update(later.outputs)
+            if consumer != "":
+                found.append(Unwatched(call.function, producer, consumer))
         return found
+
+
+@dataclass(frozen=True)
+class Unwatched:
+    """An activation function nobody watches: what it is and how to watch it."""
+
+    function: str
+    producer: str
+    consumer: str | None
+
+    @property
+    def description(self) -> str:
+        feeds = f" and feeds {self.consumer!r}" if self.consumer else ""
+        return (
+            f"a functional activation ({self.function}) is applied to the outputs of "
+            f"{self.producer!r}{feeds} and is not watched"
+        )
+
+    @property
+    def remedy(self) -> str:
+        if self.consumer:
+            return f"Watch its neurons with inputs=[{self.consumer!r}]"
+        return (
+            "Other operations follow it before a module reads it: watch the input features of "
+            "that module with inputs=[...]"
+        )
 
 
 def _per_channel_params(name: str, module: nn.Module) -> list[ParamRef]:

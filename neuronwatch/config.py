@@ -142,11 +142,29 @@ class LayerConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LayerConfig:
+        """The inverse of :meth:`to_json`; a wrong type raises ConfigError naming the field."""
         values = dict(data)
         for key in ("saturation_low", "saturation_high"):
             values[key] = _float_from_json(values[key])
         values["histogram_edges"] = tuple(float(e) for e in values["histogram_edges"])
+        for key, kinds in _JSON_TYPES.items():
+            value = values.get(key)
+            wrong = isinstance(value, bool) or not isinstance(value, kinds)
+            if key in values and wrong and not (key == "activation" and value is None):
+                raise ConfigError(f"{key} must be {kinds}, got {value!r}")
         return cls(**values)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "kind": str,
+    "activation": str,
+    "family": str,
+    "fire_threshold": (int, float),
+    "asleep_below": (int, float),
+    "tau": (int, float),
+    "min_rows": int,
+}
 
 
 def _float_to_json(value: float) -> float | str:

@@ -11,14 +11,19 @@ of the window, so it is only possible where the region below the fire threshold 
 - ``elu``: ELU, SELU, CELU. Like ``leaky``, and **saturated** on the negative plateau (the value
   is within 1 % of ``-alpha`` (``-scale*alpha`` for SELU), where the gradient is < 1 % of its
   linear-region value).
-- ``smooth``: GELU, SiLU, Mish, Hardswish, Softplus, Hugging Face GELUs. Values are almost never
-  exactly zero, so a neuron fires at ``> 1e-3``; never firing is **leaking** (the negative lobe
-  passes gradient) and *dormant* (ReDo) is the notion that matters.
+- ``smooth``: GELU, SiLU, Mish, Softplus, Hugging Face GELUs. Values are almost never exactly
+  zero, so a neuron fires at ``> 1e-3``; never firing is **leaking** (the negative lobe passes
+  gradient) and *dormant* (ReDo) is the notion that matters.
+- ``hard``: Hardswish. Fires at ``> 0``; never firing is **leaking** on its negative lobe, but
+  **dead** when every value is exactly 0 (the flat floor below -3).
 - ``tanh`` / ``sigmoid``: bounded units; fire like smooth ones, never firing is **leaking**, and
   they are **saturated** when every value sits in the flat region (``|tanh| > 0.99``;
   ``sigmoid < 0.01 or > 0.99``).
 - ``generic``: anything else (a user-named Linear, an unknown callable): fires at ``> 0`` and,
   since nothing is known about its gradient, never firing is called dead.
+
+In every family, a never-firing neuron that is also *saturated* on every row (a sigmoid stuck at
+0, tanh at -1, ELU on its plateau) passes no gradient either: it is **dead**.
 
 Activations are matched by class name so that no framework has to be imported to classify them
 (Hugging Face's ``NewGELUActivation`` is recognised without importing ``transformers``).
@@ -55,6 +60,9 @@ class Family:
     # (the default) mean the family cannot saturate.
     saturation_low: float = -math.inf
     saturation_high: float = math.inf
+    # Exactly 0 is a flat floor (Hardswish below -3): a never-firing neuron whose every value is
+    # exactly 0 passes no gradient, so it is dead although the family can otherwise leak.
+    zero_floor: bool = False
 
     @property
     def saturates(self) -> bool:
@@ -69,6 +77,7 @@ FAMILIES: dict[str, Family] = {
     "leaky": Family("leaky", 0.0, can_die=False),
     "elu": Family("elu", 0.0, can_die=False, saturation_low=-(1.0 - PLATEAU_MARGIN)),
     "smooth": Family("smooth", 1e-3, can_die=False),
+    "hard": Family("hard", 0.0, can_die=False, zero_floor=True),
     "tanh": Family("tanh", 1e-3, False, -(1.0 - PLATEAU_MARGIN), 1.0 - PLATEAU_MARGIN),
     "sigmoid": Family("sigmoid", 1e-3, False, PLATEAU_MARGIN, 1.0 - PLATEAU_MARGIN),
     "generic": Family("generic", 0.0, can_die=True),
@@ -91,7 +100,7 @@ ACTIVATION_CLASSES: dict[str, str] = {
     "GELU": "smooth",
     "SiLU": "smooth",
     "Mish": "smooth",
-    "Hardswish": "smooth",
+    "Hardswish": "hard",
     "Softplus": "smooth",
     # torch.nn, bounded
     "Tanh": "tanh",

@@ -23,17 +23,40 @@ __all__ = ["decode_meta", "encode_meta", "meta_key", "normalize_meta"]
 _FLOAT_TAG = "$float"
 
 
-def _normal(value: Any, where: str) -> Any:
-    if value is None or isinstance(value, bool | str):
+# Deeper than this is not metadata; it would also overflow the JSON reader on load.
+MAX_DEPTH = 64
+
+
+def _cannot(where: str, value: Any) -> ReportError:
+    return ReportError(
+        f"{where} is a {type(value).__name__}, which a report cannot store; use a str, number, "
+        "bool, None, path, numpy scalar or array, or a list or dict of those"
+    )
+
+
+def _normal(value: Any, where: str, parents: tuple[int, ...]) -> Any:
+    if value is None or isinstance(value, bool | str | int | float):
         return value
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, np.generic):
-        return _normal(value.item(), where)
-    if isinstance(value, np.ndarray):
-        return _normal(value.tolist(), where)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)  # longdouble too: .item() would hand it back unchanged
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if not isinstance(value, Mapping | list | tuple | np.ndarray):
+        raise _cannot(where, value)
+    if id(value) in parents:
+        raise ReportError(f"{where} refers back to a container it is in; meta must be a tree")
+    if len(parents) >= MAX_DEPTH:
+        raise ReportError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    inside = (*parents, id(value))
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise _cannot(where, value)
+        plain = value.astype(np.float64) if value.dtype.kind == "f" else value
+        return _normal(plain.tolist(), where, inside)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -42,19 +65,16 @@ def _normal(value: Any, where: str) -> Any:
                     f"{where} has key {key!r} of type {type(key).__name__}; meta keys must be "
                     "strings"
                 )
-            out[key] = _normal(item, f"{where}[{key!r}]")
+            out[key] = _normal(item, f"{where}[{key!r}]", inside)
         return out
-    if isinstance(value, list | tuple):
-        return [_normal(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    raise ReportError(
-        f"{where} is a {type(value).__name__}, which a report cannot store; use a str, number, "
-        "bool, None, path, numpy scalar or array, or a list or dict of those"
-    )
+    return [_normal(item, f"{where}[{i}]", inside) for i, item in enumerate(value)]
 
 
 def normalize_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """``meta`` as plain JSON-compatible values; raises ReportError naming the bad key."""
-    normal = _normal(dict(meta), "meta")
+    if not isinstance(meta, Mapping):
+        raise ReportError(f"meta must be a mapping of names to values, got {type(meta).__name__}")
+    normal = _normal(dict(meta), "meta", ())
     assert isinstance(normal, dict)
     return normal
 

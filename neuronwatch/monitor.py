@@ -111,7 +111,8 @@ class Monitor:
         self._sources: list[ActivationSource] = []
         self._flush_lock = threading.RLock()
         self._steps = 0
-        self._paused = False
+        self._pauses = threading.local()  # per thread: how many paused() blocks are open
+        self._interval_lock = threading.Lock()
         self._closed = False
         self._latest: Snapshot | None = None
         self._subscribers: list[Callable[[Snapshot], object]] = []
@@ -180,18 +181,20 @@ class Monitor:
 
     @property
     def watching(self) -> bool:
-        """Whether sources should record now (not paused, not closed)."""
-        return not self._paused and not self._closed
+        """Whether sources should record forwards run by this thread now (not paused here,
+        not closed)."""
+        return not getattr(self._pauses, "depth", 0) and not self._closed
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Stop recording inside the block, e.g. for an evaluation pass whose rows must not
-        enter the training window. Forwards inside the block do not count for ``every``."""
-        before, self._paused = self._paused, True
+        """Stop recording this thread's forwards inside the block, e.g. an evaluation pass whose
+        rows must not enter the training window (forwards inside it do not count for
+        ``every``). Blocks nest; other threads (a server's workers) keep being watched."""
+        self._pauses.depth = getattr(self._pauses, "depth", 0) + 1
         try:
             yield
         finally:
-            self._paused = before
+            self._pauses.depth -= 1
 
     # -- steps, flushes, windows ----------------------------------------------------------------
 
@@ -215,10 +218,15 @@ class Monitor:
     def forward_done(self) -> None:
         """Called by sources from the thread that just finished a forward: flush if
         ``flush_interval`` seconds have passed since the last flush."""
-        if self.flush_interval is None:
+        if self.flush_interval is None or time.monotonic() - self._last_flush < self.flush_interval:
             return
-        if time.monotonic() - self._last_flush >= self.flush_interval:
-            self.flush()
+        # One thread flushes; the others serving at that moment go on without waiting.
+        if self._interval_lock.acquire(blocking=False):
+            try:
+                if time.monotonic() - self._last_flush >= self.flush_interval:
+                    self.flush()
+            finally:
+                self._interval_lock.release()
 
     def flush(self) -> Snapshot:
         """Drain every source into the engine and publish a fresh snapshot as ``latest``."""

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from ._version import __version__
 from .errors import MergeError
-from .jsonmeta import meta_key, normalize_meta
+from .jsonmeta import encode_meta, meta_key, normalize_meta
 from .snapshot import Snapshot, steps_silent
 from .states import STATES, State
 from .stats import FREQUENCY_EDGES, LayerStats, active_parameter_ratio, summarize
@@ -110,7 +110,8 @@ class Report:
         return {name: np.flatnonzero(self.steps_silent(name) >= steps) for name in self.layers}
 
     def summary(self) -> dict[str, Any]:
-        """The JSON-ready summary that ``report.json`` holds (without per-neuron arrays)."""
+        """The JSON-ready summary that ``report.json`` holds (without per-neuron arrays);
+        non-finite numbers in ``meta`` are tagged (``{"$float": "nan"}``) so it is valid JSON."""
         neurons = self.neurons
         totals: dict[str, Any] = {"layers": len(self.layers), "neurons": neurons}
         for state in STATES:
@@ -124,7 +125,7 @@ class Report:
             "window": self.window,
             "step": self.step,
             "created": self.created,
-            "meta": dict(self.meta),
+            "meta": encode_meta(dict(self.meta)),
             "totals": totals,
             "layers": [self._layer_json(stats) for stats in self.layers.values()],
         }

@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -26,7 +28,7 @@ from numpy.typing import NDArray
 from .atomic import write_files_atomic
 from .config import LayerConfig
 from .errors import NeuronwatchError, ReportError
-from .jsonmeta import decode_meta, encode_meta
+from .jsonmeta import decode_meta
 from .partials import FIELDS, Partials, histogram_bins
 from .report import SCHEMA_VERSION, Report
 from .states import STATES
@@ -51,6 +53,32 @@ _DERIVED: dict[str, str] = {
 T = TypeVar("T")
 
 
+# -- locking ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _locked(directory: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on the report directory itself (POSIX ``flock`` on its descriptor):
+    saves are exclusive, loads shared, so two processes saving, or one loading while another
+    saves, never interleave the two files. Without fcntl (Windows) it is a no-op: the checksum
+    still catches a mismatched pair."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 # -- save -------------------------------------------------------------------------------------
 
 
@@ -73,7 +101,6 @@ def save_report(report: Report, out: Path) -> Path:
     # Everything that can fail on the report's content fails here, before a file is touched.
     npz = _npz_bytes(report)
     summary = report.summary()
-    summary["meta"] = encode_meta(summary["meta"])
     summary["npz_sha256"] = hashlib.sha256(npz).hexdigest()
     try:
         text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
@@ -81,8 +108,10 @@ def save_report(report: Report, out: Path) -> Path:
         raise ReportError(f"report of {report.model!r} cannot be written as JSON: {exc}") from exc
     out.mkdir(parents=True, exist_ok=True)
     # The npz goes first and the JSON commits; a failure in between restores the previous npz,
-    # and a crash in between leaves a checksum mismatch that load() reports.
-    write_files_atomic({out / NPZ_NAME: npz, out / JSON_NAME: text.encode("utf-8")})
+    # and a crash in between leaves a checksum mismatch that load() reports. The lock keeps
+    # two processes saving (or one loading) from interleaving their two files.
+    with _locked(out, exclusive=True):
+        write_files_atomic({out / NPZ_NAME: npz, out / JSON_NAME: text.encode("utf-8")})
     return out
 
 
@@ -126,6 +155,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ReportError(f"{path} is nested too deeply to be a report") from exc
     except OSError as exc:
         raise ReportError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(data, dict):
@@ -150,10 +181,17 @@ def _read_npz(path: Path, expected_sha: str) -> Mapping[str, NDArray[Any]]:
             "files come from different saves; save the report again"
         )
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"it holds one {type(loaded).__name__}, not an archive of arrays")
+        with loaded as npz:
+            arrays = {key: npz[key] for key in npz.files}
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as exc:
         raise ReportError(f"{path} is not a readable npz archive: {exc}") from exc
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise ReportError(f"{path}: member {key!r} is not an array (.npy)")
+    return arrays
 
 
 def _layer(
@@ -209,15 +247,16 @@ def load_report(where: Path) -> Report:
                 f"{path} not found: a report directory holds {JSON_NAME} and {NPZ_NAME} "
                 "(write one with monitor.report().save(DIR))"
             )
-    data = _read_json(json_path)
-    sha = _field(data, "npz_sha256", str, str(json_path))
+    with _locked(where, exclusive=False):
+        data = _read_json(json_path)
+        sha = _field(data, "npz_sha256", str, str(json_path))
+        arrays = _read_npz(npz_path, sha)
     model = _field(data, "model", str, str(json_path))
     window = _field(data, "window", str, str(json_path))
     step = _field(data, "step", int, str(json_path))
     created: float = _field(data, "created", (int, float), str(json_path))
     meta = _field(data, "meta", dict, str(json_path))
     entries = _field(data, "layers", list, str(json_path))
-    arrays = _read_npz(npz_path, sha)
     layers: dict[str, LayerStats] = {}
     wiring: dict[str, Wiring] = {}
     for index, entry in enumerate(entries):

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .config import LayerConfig
+from .families import FAMILIES
 from .partials import Partials
 from .states import State, parse_state
 from .wiring import Wiring, active_parameter_counts
@@ -126,16 +127,20 @@ def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
     layer_mean = float(mean_abs[has_rows].mean()) if has_rows.any() else 0.0
     dormancy = mean_abs / layer_mean if layer_mean > 0 else np.zeros_like(mean_abs)
     never = known & (partials.fired == 0)
-    # Never firing is fatal only where the family passes no gradient below its threshold.
-    dead = never if config.can_die else np.zeros_like(never)
-    leaking = never & ~dead
-    asleep = known & ~never & (frequency < config.asleep_below)
-    active = known & ~never & ~asleep
-    dormant = known & (dormancy <= config.tau)
     if config.saturates:
         saturated = known & (partials.saturated == finite_rows)
     else:
         saturated = np.zeros_like(known)
+    # Dead = no gradient on any row: never firing where the family is flat below its threshold,
+    # or never firing while stuck in a flat region (saturated, or Hardswish's exact-zero floor).
+    no_gradient = saturated.copy() if not config.can_die else np.ones_like(never)
+    if FAMILIES[config.family].zero_floor:
+        no_gradient |= (partials.max == 0.0) & (partials.min == 0.0)
+    dead = never & no_gradient
+    leaking = never & ~dead
+    asleep = known & ~never & (frequency < config.asleep_below)
+    active = known & ~never & ~asleep
+    dormant = known & (dormancy <= config.tau)
     return LayerStats(
         config=config,
         partials=partials,

@@ -20,7 +20,7 @@ def show(directory: Path, as_json: bool) -> None:
     with domain_errors():
         report = Report.load(directory)
     if as_json:
-        click.echo(json.dumps(report.summary(), indent=2))
+        click.echo(json.dumps(report.summary(), indent=2, allow_nan=False))
         return
     out = console()
     view = render.report_view(report)

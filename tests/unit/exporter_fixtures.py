@@ -9,7 +9,7 @@ from neuronwatch import Engine, Monitor, ParamRef, Wiring
 ROWS = 100  # rows per observation; min_rows is 50, so one observation judges every neuron
 # fc1 (ReLU, 8 neurons): 0, 1, 2 never fire (dead); 3 fires on 2 rows of 100 (asleep).
 # fc2 (LeakyReLU, 6 neurons): 0 never fires (leaking).
-# out (Tanh, 4 neurons): 0 sits at -1 on every row (saturated).
+# out (Tanh, 4 neurons): 0 sits at -1 on every row (saturated, and dead: no gradient).
 FC1_DEAD = [0, 1, 2]
 FC1_ASLEEP = [3]
 FC2_LEAKING = [0]

@@ -41,14 +41,14 @@ def snapshot() -> Snapshot:
 def test_the_planted_states_are_counted_exactly(snapshot: Snapshot) -> None:
     reading = read(snapshot)
     assert reading.window == "last"
+    # The tanh neuron stuck at -1 never fires and passes no gradient: dead and saturated.
     dead = by_layer(reading, "neuronwatch_dead_neurons")
-    assert dead == {"fc1.act": len(FC1_DEAD), "fc2.act": 0.0, "out.act": 0.0}
+    assert dead == {"fc1.act": len(FC1_DEAD), "fc2.act": 0.0, "out.act": len(OUT_SATURATED)}
     assert by_layer(reading, "neuronwatch_asleep_neurons")["fc1.act"] == len(FC1_ASLEEP)
-    # The tanh neuron stuck at -1 never fires either: leaking and saturated.
     assert by_layer(reading, "neuronwatch_leaking_neurons") == {
         "fc1.act": 0.0,
         "fc2.act": len(FC2_LEAKING),
-        "out.act": len(OUT_SATURATED),
+        "out.act": 0.0,
     }
     assert by_layer(reading, "neuronwatch_saturated_neurons")["out.act"] == len(OUT_SATURATED)
     assert by_layer(reading, "neuronwatch_dead_ratio")["fc1.act"] == len(FC1_DEAD) / 8

@@ -54,7 +54,7 @@ def planted_mixed() -> Mixed:
         model.fc2.weight[:, 3] = 0.0  # ... whose constant output would shift every GELU input
         model.fc2.bias.zero_()
         model.fc2.bias[[4, 9]] = -50.0  # never-firing (leaking), dormant GELU
-        model.fc3.bias[0] = -50.0  # saturated, dead sigmoid
+        model.fc3.bias[0] = -50.0  # saturated, dead sigmoid (no gradient on any row)
     return model
 
 
@@ -175,8 +175,9 @@ def test_planted_verdicts_with_compile(compile: bool) -> None:
     assert layers["gact"].indices("leaking").tolist() == [4, 9]
     assert np.flatnonzero(layers["gact"].dormant).tolist() == [4, 9]
     assert np.flatnonzero(layers["sact"].saturated).tolist() == [0]
-    assert layers["sact"].count("dead") == 0
-    assert layers["sact"].indices("leaking").tolist() == [0]
+    # Stuck at 0 on every row: saturated, never fires, no gradient: dead.
+    assert layers["sact"].dead_indices.tolist() == [0]
+    assert layers["sact"].count("leaking") == 0
 
 
 class Tap(nn.Module):

@@ -239,9 +239,9 @@ def test_bounded_activation_saturated_neurons(activation: type[nn.Module]) -> No
     assert act.config.saturates
     assert np.flatnonzero(act.saturated).tolist() == [1, 4]
     assert act.partials.saturated[7] == act.rows - 1
-    # Never firing is leaking for bounded units; their flat regions are the saturated state.
-    assert act.count("dead") == 0
-    assert act.indices("leaking").tolist() == [4]
+    # Stuck at the bottom on every row: never fires and passes no gradient, so dead.
+    assert act.dead_indices.tolist() == [4]
+    assert act.count("leaking") == 0
 
 
 def test_relu_never_reports_saturated() -> None:

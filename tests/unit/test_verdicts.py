@@ -252,8 +252,31 @@ def test_elu_family_negative_plateau_is_saturated(
     values = scale * np.where(pre > 0, pre, alpha * (np.exp(pre) - 1))
     stats = judge(activation, values)
     assert stats.config.family == "elu"
-    assert stats.count("dead") == 0
-    assert stats.indices("leaking").tolist() == never_positive(values) == [1, 3]
+    assert never_positive(values) == [1, 3]
+    assert np.flatnonzero(stats.saturated).tolist() == [1]
+    # On the plateau on every row: no gradient, dead. On the curved part: leaking.
+    assert stats.dead_indices.tolist() == [1]
+    assert stats.indices("leaking").tolist() == [3]
+
+
+def test_hardswish_floor_is_dead_and_its_negative_lobe_leaks() -> None:
+    rng = np.random.default_rng(8)
+    pre = rng.normal(size=(300, 4))
+    pre[:, 0] -= 10.0  # below -3 on every row: exactly 0, no gradient
+    pre[:, 2] = -1.0 - rng.random(300)  # in (-3, 0): negative values, gradient flows
+    values = pre * np.clip(pre + 3, 0, 6) / 6
+    stats = judge("Hardswish", values)
+    assert stats.config.family == "hard"
+    assert stats.dead_indices.tolist() == [0]
+    assert stats.indices("leaking").tolist() == [2]
+
+
+def test_a_sigmoid_stuck_at_zero_is_dead_and_saturated() -> None:
+    rng = np.random.default_rng(9)
+    pre = rng.normal(size=(300, 3))
+    pre[:, 1] -= 30.0
+    stats = judge("Sigmoid", 1 / (1 + np.exp(-pre)))
+    assert stats.dead_indices.tolist() == [1]
     assert np.flatnonzero(stats.saturated).tolist() == [1]
 
 
@@ -310,5 +333,5 @@ def test_a_report_of_the_last_window_keeps_the_run_long_silence() -> None:
 
 
 def test_an_array_without_neurons_is_refused_by_name() -> None:
-    with pytest.raises(ShapeError, match="'empty'.* no neurons"):
+    with pytest.raises(ShapeError, match=r"'empty'.* no neurons"):
         Engine("m").observe("empty", np.zeros((4, 0)))

@@ -32,3 +32,9 @@ def conv_relu_conv_relu() -> nn.Sequential:
             act2=nn.ReLU(),
         )
     )
+
+
+def never_fired(values: torch.Tensor, axis: int) -> list[int]:
+    """The plain reference: the features (or channels on ``axis``) with no value above 0."""
+    moved = values.detach().movedim(axis, -1).reshape(-1, values.shape[axis])
+    return torch.nonzero((moved > 0).sum(0) == 0).flatten().tolist()
