@@ -32,10 +32,7 @@ def main() -> None:
         f"{len(texts)} sentences in {len(data)} padded batches of {BATCH}: {positions} positions, "
         f"{tokens} real tokens, {positions - tokens} pad positions"
     )
-    print(
-        "| layer | rows (pads counted / left out) | leaking | dormant | asleep "
-        "| mean \\|a\\| |"
-    )
+    print("| layer | rows (pads counted / left out) | leaking | dormant | asleep | mean \\|a\\| |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, after in real.layers.items():
         before = padded.layers[name]

@@ -36,10 +36,11 @@ class State(str, Enum):
 
 
 _DESCRIPTIONS: dict[State, str] = {
-    State.DEAD: "never fired in the window and its family passes no gradient there "
-    "(ReLU, ReLU6, Hardtanh): it cannot recover by itself",
-    State.LEAKING: "never fired in the window, but its family still passes gradient below the "
-    "threshold (LeakyReLU, PReLU, ELU, GELU, SiLU, tanh...): it can recover",
+    State.DEAD: "never fired in the window and passed no gradient on any row (ReLU, ReLU6, "
+    "Hardtanh; or stuck on a flat region: sigmoid at 0, tanh at -1, ELU's plateau): it cannot "
+    "recover by itself",
+    State.LEAKING: "never fired in the window, but still passed gradient (LeakyReLU, PReLU; "
+    "ELU, GELU, SiLU, tanh... off their flat regions): it can recover",
     State.ASLEEP: "fired on fewer than asleep_below (default 5 %) of the window's rows",
     State.ACTIVE: "fired on at least asleep_below of the window's rows",
     State.UNKNOWN: "the window has fewer than min_rows finite rows: not judged yet",
