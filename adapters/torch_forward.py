@@ -61,9 +61,6 @@ class ForwardState:
     calls: dict[int, int] = field(default_factory=dict)
     entries: list[tuple[Key, nn.Module]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
-    # Small activations copied during the forward and reduced together at its end.
-    deferred: list[Any] = field(default_factory=list)
-    deferred_bytes: int = 0
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -82,10 +79,14 @@ EndFn = Callable[[ForwardState, bool], None]
 
 def as_row_mask(raw: Any) -> torch.Tensor | None:
     """A ``[batch, tokens]`` bool tensor (true on real tokens) from a user's mask, or ``None``
-    when it is not one (a 4-D additive attention mask, say): then every row counts."""
+    when it is not one (a 4-D additive attention mask, say) or, on the CPU, when it marks no
+    pad at all (one check per forward saves a mask per layer): then every row counts."""
     if not isinstance(raw, torch.Tensor) or raw.dim() != 2:
         return None
-    return raw if raw.dtype == torch.bool else raw != 0
+    mask = raw if raw.dtype == torch.bool else raw != 0
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return None  # reading a CPU tensor is no device sync
+    return mask
 
 
 _positions: dict[tuple[Any, str], int | None] = {}

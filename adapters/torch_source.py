@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -25,40 +25,41 @@ from neuronwatch.wiring import ParamRef
 
 from .torch_forward import ForwardState, ForwardTracker, MaskSpec
 from .torch_probes import Probe, Site, site_name
-from .torch_reduce import LayerAccumulator, Staged, reduce_staged
+from .torch_reduce import LayerAccumulator
 from .torch_wiring import WiringTracer, feature_axis_of, in_backward
 
-__all__ = ["DEFER_BYTES", "DEFER_ELEMENTS", "MAX_CALL_SITES", "TorchSource"]
+__all__ = ["MAX_CALL_SITES", "RING_BYTES", "TorchSource"]
 
 log = logging.getLogger(__name__)
 
-# Activations up to this many elements are copied and reduced together at the end of the forward
-# (one compiled call per forward): at serving batch sizes the fixed cost of a call per layer is
-# most of the overhead, and copying a small tensor costs a few microseconds. Larger ones are
-# reduced at once, so a forward never holds more than DEFER_BYTES of copies.
-DEFER_ELEMENTS = 2**17
-DEFER_BYTES = 64 * 2**20
+# Staging ring of each [rows, neurons] layer: small activations (serving batch sizes) are copied
+# there and reduced many forwards at a time, since at those sizes the fixed cost of one reduction
+# call per layer and forward is most of the overhead (see LayerAccumulator). Each layer's ring
+# takes at most RING_BYTES, and all of a model's rings together at most RINGS_BYTES.
+RING_BYTES = 2**20
+RINGS_BYTES = 64 * 2**20
 # A module called more often than this in one forward (a cell applied per time step) gets no
 # further layers: pool its calls with per_call_site=False instead.
 MAX_CALL_SITES = 64
 
 
-class _QuietAutograd:
+def _quiet_autograd(device_type: str) -> AbstractContextManager[Any]:
     """No graph recording and no autocast around our reductions. Each context manager costs
-    microseconds on the hot path, so they are entered only when grad or autocast is on."""
+    microseconds on the hot path, so one is made only when grad or autocast is on (serving
+    under inference_mode gets a shared no-op)."""
+    grad = torch.is_grad_enabled()
+    autocast = torch.is_autocast_enabled(device_type)
+    if not grad and not autocast:
+        return _NOTHING
+    stack = ExitStack()
+    if grad:
+        stack.enter_context(torch.no_grad())
+    if autocast:
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
-    def __init__(self, device_type: str) -> None:
-        self.device_type = device_type
-        self.stack = ExitStack()
 
-    def __enter__(self) -> None:
-        if torch.is_grad_enabled():
-            self.stack.enter_context(torch.no_grad())
-        if torch.is_autocast_enabled(self.device_type):
-            self.stack.enter_context(torch.autocast(self.device_type, enabled=False))
-
-    def __exit__(self, *exc: object) -> None:
-        self.stack.close()
+_NOTHING = nullcontext()
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -236,9 +237,6 @@ class TorchSource:
         watched, traced = state.watched, state.traced
         state.open = state.watched = state.traced = False
         state.calls = {}
-        if state.deferred:
-            deferred, state.deferred, state.deferred_bytes = state.deferred, [], 0
-            self._reduce_deferred(deferred)
         if traced and failed:
             self._pending.clear()
             self._watched_ids.clear()
@@ -250,14 +248,6 @@ class TorchSource:
                 self.monitor.forward_done()
             except Exception as exc:  # a flush must never raise into the user's forward
                 self._hook_failed("<flush>", None, exc)
-
-    def _reduce_deferred(self, items: list[Staged]) -> None:
-        try:
-            with self._lock, _QuietAutograd(items[0].x.device.type):
-                reduce_staged(items)
-        except Exception as exc:
-            for item in items:
-                self._hook_failed(item.accumulator.config.name, None, exc)
 
     # -- hooks (hot path) -----------------------------------------------------------------------
 
@@ -310,22 +300,8 @@ class TorchSource:
                     self._pending.setdefault(
                         site.layer, (probe, index, act_input, _report_axis(accumulator, x))
                     )
-            if (
-                self.compile
-                and state.depth > 0  # a bracketed forward: its end will reduce what it held
-                and x.numel() <= DEFER_ELEMENTS
-                and state.deferred_bytes + x.numel() * x.element_size() <= DEFER_BYTES
-                and not any(item.accumulator is accumulator for item in state.deferred)
-            ):
-                with self._lock, _QuietAutograd(x.device.type):
-                    staged = accumulator.stage(x, state.histogram, state.mask, copy=True)
-                if staged.rows:
-                    state.deferred.append(staged)
-                    state.deferred_bytes += staged.x.numel() * staged.x.element_size()
-                masked = staged.mask is not None
-            else:
-                with self._lock, _QuietAutograd(x.device.type):
-                    masked = accumulator.add(x, state.histogram, state.mask)
+            with self._lock, _quiet_autograd(accumulator.device_type):
+                masked = accumulator.add(x, state.histogram, state.mask)
             if state.mask is not None and not masked and not site.unmasked_logged:
                 site.unmasked_logged = True
                 log.info(
@@ -388,7 +364,11 @@ class TorchSource:
             axis = self._axis(probe, index, x, act_input)
             if axis is None:
                 return None
-            site.accumulator = LayerAccumulator(site.config, axis, self.compile)
+            sites = sum(len(p.sites) for p in self._probes)
+            ring = min(RING_BYTES, RINGS_BYTES // max(sites, 1))
+            site.accumulator = LayerAccumulator(
+                site.config, axis, self.compile, ring, self.histogram_every
+            )
             return site.accumulator
 
     def _axis(

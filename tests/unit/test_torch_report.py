@@ -112,7 +112,9 @@ def test_reports_of_two_monitors_merge(tmp_path: Path) -> None:
         assert mine.rows == theirs.rows
         for field in ("fired", "saturated", "nonfinite", "histogram", "max", "min"):
             assert np.array_equal(getattr(mine, field), getattr(theirs, field)), field
-        np.testing.assert_allclose(mine.sum, theirs.sum, rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(mine.abs_sum, theirs.abs_sum, rtol=1e-9, atol=1e-9)
+        # float32 activations are summed in float32 within one reduction (a staging ring may
+        # hold several batches) and in float64 across reductions: float32 rounding apart.
+        np.testing.assert_allclose(mine.sum, theirs.sum, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(mine.abs_sum, theirs.abs_sum, rtol=1e-6, atol=1e-6)
     assert merged.layers["cact"].dead_indices.tolist() == [1, 4]
     assert dict(merged.wiring) == dict(whole.wiring)
