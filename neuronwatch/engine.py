@@ -17,7 +17,7 @@ from .errors import ConfigError, MergeError, ShapeError
 from .partials import Partials, histogram_bins
 from .reduce import as_rows, reduce_rows
 from .snapshot import Snapshot
-from .stats import summarize
+from .stats import JudgedLayers
 from .wiring import Wiring
 
 __all__ = ["Engine"]
@@ -197,12 +197,9 @@ class Engine:
             wiring = dict(self._wiring)
             errors = dict(self._errors)
             step, completed = self._step, self._windows_completed
-        windows = {
-            window: MappingProxyType(
-                {name: summarize(configs[name], partials) for name, partials in layers.items()}
-            )
-            for window, layers in raw.items()
-        }
+        # Verdicts are judged when first read, not here: a flush on the training thread only
+        # copies dict entries, and a scrape of a 1,000-layer model pays for the layers it reads.
+        windows = {window: JudgedLayers(configs, layers) for window, layers in raw.items()}
         return Snapshot(
             model=self.model,
             step=step,

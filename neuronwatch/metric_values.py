@@ -186,7 +186,7 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
 
     selected = select_layers(list(shown), layers)
     chosen = [shown[name] for name in selected]
-    lives = [lifetime[name].partials for name in selected]  # lifetime holds every layer
+    lives = [snapshot.partials(name) for name in selected]  # lifetime holds every layer
     labels = [
         (snapshot.model, name, stats.kind) for name, stats in zip(selected, chosen, strict=True)
     ]
@@ -202,7 +202,8 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     )
     series["neuronwatch_neurons"] = layer_series(neurons)
     for state in (s.value for s in STATES):
-        counts = [float(np.count_nonzero(getattr(stats, state))) for stats in chosen]
+        # One concatenation and one segmented sum per state, not one call per layer.
+        counts = per.sums(_concat([getattr(stats, state) for stats in chosen], np.bool_))
         series[f"neuronwatch_{state}_neurons"] = layer_series(counts)
         series[f"neuronwatch_{state}_ratio"] = layer_series(_ratios(counts, neurons))
     series["neuronwatch_window_rows"] = layer_series([float(stats.rows) for stats in chosen])
@@ -217,7 +218,7 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     # (edges[j-1], edges[j]]: as LayerStats.frequency_distribution counts them.
     bins = np.searchsorted(np.asarray(FREQUENCY_EDGES), frequency, side="left")
     buckets = per.histograms(bins, len(FREQUENCY_EDGES), keep=known)
-    known_counts = [float(np.count_nonzero(stats.known)) for stats in chosen]
+    known_counts = per.sums(known)
     series["neuronwatch_firing_frequency_ratio"] = layer_series(
         [
             Histogram((*b, n), n, s)

@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import ConfigError
+from .partials import Partials
 from .stats import LayerStats, active_parameter_ratio
 from .wiring import Wiring
 
@@ -47,17 +48,21 @@ class Snapshot:
     def layers(self, window: str = "auto") -> Mapping[str, LayerStats]:
         return self.windows[self.resolve_window(window)]
 
+    def partials(self, layer: str, window: str = "lifetime") -> Partials:
+        """The raw partial sums of ``layer`` over ``window``, without judging its neurons."""
+        layers = self.windows[self.resolve_window(window)]
+        raw = getattr(layers, "partials", None)
+        return raw(layer) if callable(raw) else layers[layer].partials
+
     def steps_silent(self, layer: str) -> NDArray[np.int64]:
         """Per neuron of ``layer``, the steps since the last flush in which it fired (the whole
         run's step count for a neuron that never fired), from the lifetime totals: no window
         has to be chosen in advance."""
-        try:
-            stats = self.windows["lifetime"][layer]
-        except KeyError:
+        if layer not in self.windows["lifetime"]:
             raise ConfigError(
                 f"no layer {layer!r} in this snapshot; layers: {sorted(self.windows['lifetime'])}"
-            ) from None
-        return steps_silent(stats.partials.last_fired_step, self.step)
+            )
+        return steps_silent(self.partials(layer).last_fired_step, self.step)
 
     def silent(self, steps: int) -> dict[str, NDArray[np.intp]]:
         """Indices of the neurons of each layer that have not fired for at least ``steps``

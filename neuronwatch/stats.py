@@ -7,7 +7,7 @@ the same verdicts, which is what lets reports be reloaded, merged and re-judged 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,7 +20,7 @@ from .partials import Partials
 from .states import State, parse_state
 from .wiring import Wiring, active_parameter_counts
 
-__all__ = ["FREQUENCY_EDGES", "LayerStats", "summarize"]
+__all__ = ["FREQUENCY_EDGES", "JudgedLayers", "LayerStats", "summarize"]
 
 # Firing-frequency distribution: one bin for "never fired", then (0, 1e-3], (1e-3, 1e-2], ...
 FREQUENCY_EDGES: tuple[float, ...] = (0.0, 1e-3, 1e-2, 5e-2, 0.25, 0.5, 0.75, 1.0)
@@ -167,3 +167,37 @@ def active_parameter_ratio(
     dead = {name: stats.dead for name, stats in layers.items()}
     active, total = active_parameter_counts(wiring, dead)
     return active / total if total else None
+
+
+class JudgedLayers(Mapping[str, LayerStats]):
+    """Layers of one window, judged on first access and then kept: a read-only mapping of
+    layer name to :class:`LayerStats`. Safe to share between threads (judging is a pure
+    function of immutable inputs; two threads judging one layer at once get equal results)."""
+
+    def __init__(self, configs: Mapping[str, LayerConfig], partials: Mapping[str, Partials]):
+        self._configs = configs
+        self._partials = dict(partials)
+        self._judged: dict[str, LayerStats] = {}
+
+    def partials(self, name: str) -> Partials:
+        """The layer's partials without judging it (cheaper when only sums are needed)."""
+        return self._partials[name]
+
+    def __getitem__(self, name: str) -> LayerStats:
+        stats = self._judged.get(name)
+        if stats is None:
+            stats = summarize(self._configs[name], self._partials[name])
+            self._judged[name] = stats
+        return stats
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._partials)
+
+    def __len__(self) -> int:
+        return len(self._partials)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._partials
+
+    def __repr__(self) -> str:
+        return f"JudgedLayers({list(self._partials)})"
