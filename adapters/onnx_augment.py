@@ -36,8 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from neuronwatch.config import LayerConfig
 from neuronwatch.errors import ConfigError
+from neuronwatch.families import float32_above, float32_below
 
-from .onnx_build import FLOAT_TYPES, PREFIX, Body, Builder, float32_above, float32_below
+from .onnx_build import FLOAT_TYPES, PREFIX, Body, Builder
 from .onnx_graph import Dim
 
 __all__ = [

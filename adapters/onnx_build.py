@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["FLOAT_TYPES", "PREFIX", "Body", "Builder", "float32_above", "float32_below"]
+__all__ = ["FLOAT_TYPES", "PREFIX", "Body", "Builder"]
 
 PREFIX = "neuronwatch"
 # Activation types reduced as they are; anything else is cast to float32 first.
@@ -24,18 +24,6 @@ FLOAT_TYPES: dict[int, type[np.floating[Any]]] = {
     int(onnx.TensorProto.FLOAT): np.float32,
     int(onnx.TensorProto.DOUBLE): np.float64,
 }
-
-
-def float32_below(value: float) -> float:
-    """The largest float32 <= value: for a float32 x, ``x > value`` iff ``x > this``."""
-    f = np.float32(value)
-    return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > value else f)
-
-
-def float32_above(value: float) -> float:
-    """The smallest float32 >= value: for a float32 x, ``x < value`` iff ``x < this``."""
-    f = np.float32(value)
-    return float(np.nextafter(f, np.float32(np.inf)) if float(f) < value else f)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from numpy.typing import NDArray
 
 from neuronwatch.config import LayerConfig
+from neuronwatch.families import float32_above, float32_below
 from neuronwatch.partials import FIELDS, Partials
 
 __all__ = [
@@ -67,18 +68,6 @@ def histogram_count_dtype(n: int) -> torch.dtype:
 def _working(x: torch.Tensor) -> torch.Tensor:
     """Statistics are computed in float32, or in float64 for float64 activations."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _float32_below(value: float) -> float:
-    """The largest float32 <= value: for a float32 x, ``x > value`` iff ``x > this``."""
-    f = np.float32(value)
-    return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > value else f)
-
-
-def _float32_above(value: float) -> float:
-    """The smallest float32 >= value: for a float32 x, ``x < value`` iff ``x < this``."""
-    f = np.float32(value)
-    return float(np.nextafter(f, np.float32(np.inf)) if float(f) < value else f)
 
 
 def reduce_eager(
@@ -336,8 +325,8 @@ class LayerAccumulator:
         if key not in self._consts:
             config = self.config
             exact = dtype == torch.float64
-            below = (lambda v: v) if exact else _float32_below
-            above = (lambda v: v) if exact else _float32_above
+            below = (lambda v: v) if exact else float32_below
+            above = (lambda v: v) if exact else float32_above
             edges = (float("-inf"), *(below(e) for e in config.histogram_edges))
             self._consts[key] = (
                 torch.tensor(below(config.fire_threshold), dtype=dtype, device=device),

@@ -44,6 +44,8 @@ __all__ = [
     "activation_settings",
     "family_of",
     "flat_above",
+    "float32_above",
+    "float32_below",
 ]
 
 
@@ -166,6 +168,20 @@ def family_of(activation: str | None) -> Family:
     if activation is None:
         return FAMILIES["generic"]
     return FAMILIES[ACTIVATION_CLASSES.get(canonical(activation), "generic")]
+
+
+def float32_below(value: float) -> float:
+    """The largest float32 <= value: for a float32 x, ``x > value`` iff ``x > this``. Runtimes
+    comparing float32 activations use it so every comparison equals the float64 one (0.1 is
+    not a float32 number)."""
+    f = np.float32(value)
+    return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > value else f)
+
+
+def float32_above(value: float) -> float:
+    """The smallest float32 >= value: for a float32 x, ``x < value`` iff ``x < this``."""
+    f = np.float32(value)
+    return float(np.nextafter(f, np.float32(np.inf)) if float(f) < value else f)
 
 
 def flat_above(bound: float) -> float:
