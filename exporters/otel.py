@@ -61,8 +61,8 @@ Callback = Callable[[CallbackOptions], Iterable[Observation]]
 
 
 class Instrumentation:
-    """The instruments :func:`instrument` registered; :meth:`close` silences them (OpenTelemetry
-    has no way to unregister an observable instrument)."""
+    """One monitor's share of the neuronwatch instruments of a MeterProvider; :meth:`close`
+    takes it out (the instruments stay: OpenTelemetry cannot unregister them)."""
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class Instrumentation:
         self.layers = layers
         self.window = window
         self.instruments: list[Any] = []
+        self.hub: _Hub | None = None
         self._closed = False
         self._failing = False
         self._cache: Reading | None = None
@@ -83,6 +84,9 @@ class Instrumentation:
 
     def close(self) -> None:
         self._closed = True
+        hub = self.hub
+        if hub is not None:
+            hub.remove(self)
 
     def _reading(self, refresh: bool) -> Reading | None:
         """The reading of this collection. The first instrument's callback (the SDK calls them
@@ -109,25 +113,21 @@ class Instrumentation:
         attributes.update(self.labels)
         return attributes
 
-    def callback(self, family: MetricFamily, part: str, first: bool) -> Callback:
-        """The callback of one instrument: ``part`` is ``value`` or, for a gauge-histogram,
-        ``bucket``, ``gcount`` or ``gsum``."""
-
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            try:
-                reading = self._reading(refresh=first)
-                observations = (
-                    [] if reading is None else list(self._observations(reading, family, part))
-                )
-            except Exception:  # a callback must never raise into the SDK's collection
-                if not self._failing:  # once per failure streak, not per instrument
-                    log.exception("collecting neuronwatch metrics (%s) failed", family.name)
-                self._failing = True
-                return []
-            self._failing = False
-            return observations
-
-        return observe
+    def observe(self, family: MetricFamily, part: str, first: bool) -> list[Observation]:
+        """This monitor's points of one instrument: ``part`` is ``value`` or, for a
+        gauge-histogram, ``bucket``, ``gcount`` or ``gsum``. Never raises."""
+        try:
+            reading = self._reading(refresh=first)
+            observations = (
+                [] if reading is None else list(self._observations(reading, family, part))
+            )
+        except Exception:  # a callback must never raise into the SDK's collection
+            if not self._failing:  # once per failure streak, not per instrument
+                log.exception("collecting neuronwatch metrics (%s) failed", family.name)
+            self._failing = True
+            return []
+        self._failing = False
+        return observations
 
     def _observations(
         self, reading: Reading, family: MetricFamily, part: str
@@ -170,37 +170,78 @@ def instrument(
             f"window must be one of 'auto', 'current', 'last', 'lifetime'; got {window!r}"
         )
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
-    meter = provider.get_meter("neuronwatch", __version__)
     handle = Instrumentation(monitor, validate_labels(labels), check_patterns(layers), window)
-    first = True
-    for family in FAMILIES:
-        if family.kind == "gaugehistogram":
-            for part in ("bucket", "gcount", "gsum"):
-                handle.instruments.append(
-                    meter.create_observable_gauge(
-                        f"{family.otel_name}_{part}",
-                        callbacks=[handle.callback(family, part, first)],
-                        unit="",
-                        description=family.help,
-                    )
-                )
-                first = False
-            continue
-        create = (
-            meter.create_observable_counter
-            if family.kind == "counter"
-            else meter.create_observable_gauge
-        )
-        handle.instruments.append(
-            create(
-                family.otel_name,
-                callbacks=[handle.callback(family, "value", first)],
-                unit=family.otel_unit,
-                description=family.help,
-            )
-        )
-        first = False
+    with _HUBS_LOCK:
+        hub = _HUBS.get(id(provider))
+        if hub is None or hub.provider is not provider:
+            hub = _HUBS[id(provider)] = _Hub(provider)
+    hub.add(handle)
+    handle.instruments = hub.instruments
     return handle
+
+
+class _Hub:
+    """The neuronwatch instruments of one MeterProvider, created once: the SDK hands back the
+    first instrument when a name repeats (and drops the new callbacks), so every monitor
+    instrumented on a provider shares these, each adding its own points."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+        self._handles: list[Instrumentation] = []
+        self._lock = threading.Lock()
+        meter = provider.get_meter("neuronwatch", __version__)
+        self.instruments: list[Any] = []
+        first = True
+        for family in FAMILIES:
+            if family.kind == "gaugehistogram":
+                for part in ("bucket", "gcount", "gsum"):
+                    self.instruments.append(
+                        meter.create_observable_gauge(
+                            f"{family.otel_name}_{part}",
+                            callbacks=[self._callback(family, part, first)],
+                            unit="",
+                            description=family.help,
+                        )
+                    )
+                    first = False
+                continue
+            create = (
+                meter.create_observable_counter
+                if family.kind == "counter"
+                else meter.create_observable_gauge
+            )
+            self.instruments.append(
+                create(
+                    family.otel_name,
+                    callbacks=[self._callback(family, "value", first)],
+                    unit=family.otel_unit,
+                    description=family.help,
+                )
+            )
+            first = False
+
+    def add(self, handle: Instrumentation) -> None:
+        with self._lock:
+            self._handles.append(handle)
+        handle.hub = self
+
+    def remove(self, handle: Instrumentation) -> None:
+        with self._lock:
+            if handle in self._handles:
+                self._handles.remove(handle)
+
+    def _callback(self, family: MetricFamily, part: str, first: bool) -> Callback:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                handles = list(self._handles)
+            return [point for h in handles for point in h.observe(family, part, first)]
+
+        return observe
+
+
+# One hub per provider, for as long as the provider lives (providers live for the process).
+_HUBS: dict[int, _Hub] = {}
+_HUBS_LOCK = threading.Lock()
 
 
 def views(cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> list[View]:

@@ -118,6 +118,9 @@ class Monitor:
         self._subscribers: list[Callable[[Snapshot], object]] = []
         # -inf: the first finished forward of a serving process publishes at once.
         self._last_flush = -math.inf
+        self._last_forward = -math.inf
+        self._idle_flusher: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # -- wiring up ------------------------------------------------------------------------------
 
@@ -217,8 +220,18 @@ class Monitor:
 
     def forward_done(self) -> None:
         """Called by sources from the thread that just finished a forward: flush if
-        ``flush_interval`` seconds have passed since the last flush."""
-        if self.flush_interval is None or time.monotonic() - self._last_flush < self.flush_interval:
+        ``flush_interval`` seconds have passed since the last flush.
+
+        The rows of the last forwards before traffic stops would otherwise wait for the next
+        request: a background thread flushes them once no forward has finished for a whole
+        interval (the device is idle then, so draining it disturbs nothing).
+        """
+        if self.flush_interval is None:
+            return
+        self._last_forward = time.monotonic()
+        if self._idle_flusher is None:
+            self._start_idle_flusher()
+        if self._last_forward - self._last_flush < self.flush_interval:
             return
         # One thread flushes; the others serving at that moment go on without waiting.
         if self._interval_lock.acquire(blocking=False):
@@ -227,6 +240,27 @@ class Monitor:
                     self.flush()
             finally:
                 self._interval_lock.release()
+
+    def _start_idle_flusher(self) -> None:
+        with self._interval_lock:
+            if self._idle_flusher is not None or self.flush_interval is None:
+                return
+            thread = threading.Thread(
+                target=self._flush_when_idle, name="neuronwatch-idle-flush", daemon=True
+            )
+            self._idle_flusher = thread
+        thread.start()
+
+    def _flush_when_idle(self) -> None:
+        interval = self.flush_interval
+        assert interval is not None
+        while not self._stop.wait(interval / 2):
+            last = self._last_forward
+            if last > self._last_flush and time.monotonic() - last >= interval:
+                try:
+                    self.flush()
+                except Exception:  # never kill the thread: the next forward flushes anyway
+                    log.exception("flushing after the last requests failed")
 
     def flush(self) -> Snapshot:
         """Drain every source into the engine and publish a fresh snapshot as ``latest``."""
@@ -270,6 +304,12 @@ class Monitor:
         drain after closing, so :meth:`report` works after the ``with`` block."""
         if self._closed:
             return
+        self._stop.set()
+        if self._last_forward > self._last_flush:  # publish what the last forwards recorded
+            try:
+                self.flush()
+            except Exception:
+                log.exception("the final flush failed; what was collected stays drainable")
         self._closed = True
         for source in self._sources:
             try:

@@ -179,3 +179,20 @@ def test_meter_provider_sets_the_resource() -> None:
         assert attributes["service.instance.id"] == "node-7:0"
     finally:
         meters.shutdown(timeout_millis=1000)
+
+
+def test_two_monitors_on_one_provider_are_both_exported_and_close_alone() -> None:
+    first = planted_monitor(steps=2, windows=1, model="first")
+    second = planted_monitor(steps=2, windows=1, model="second")
+    meters, reader = provider()
+    one = otel.instrument(first, meters)
+    otel.instrument(second, meters)
+    models = {dict(k)["model"] for k in points(collect(reader)["neuronwatch.neurons"])}
+    assert models == {"first", "second"}
+    one.close()
+    models = {dict(k)["model"] for k in points(collect(reader)["neuronwatch.neurons"])}
+    assert models == {"second"}
+    third = planted_monitor(steps=2, windows=1, model="third")
+    otel.instrument(third, meters)  # a later run on the same provider is exported too
+    models = {dict(k)["model"] for k in points(collect(reader)["neuronwatch.neurons"])}
+    assert models == {"second", "third"}

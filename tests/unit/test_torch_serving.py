@@ -61,3 +61,32 @@ def test_flush_interval_must_be_positive() -> None:
     for bad in (0, -1.0, float("nan"), "1"):
         with pytest.raises(neuronwatch.ConfigError, match="flush_interval"):
             neuronwatch.watch(model(), flush_interval=bad)
+
+
+def test_the_last_requests_before_traffic_stops_are_published() -> None:
+    served = model()
+    interval = 0.2
+    with neuronwatch.watch(served, compile=False, flush_interval=interval) as monitor:
+        with torch.inference_mode():
+            for _ in range(20):
+                served(torch.randn(1, 4))  # a burst: only its first forward publishes at once
+        first = monitor.latest
+        assert first is not None
+        deadline = time.monotonic() + 10 * interval
+        while time.monotonic() < deadline:
+            latest = monitor.latest
+            if latest is not None and latest.layers("lifetime")["act"].rows == 20:
+                break
+            time.sleep(interval / 4)
+        assert monitor.latest.layers("lifetime")["act"].rows == 20  # type: ignore[union-attr]
+
+
+def test_closing_publishes_what_the_last_forwards_recorded() -> None:
+    served = model()
+    monitor = neuronwatch.watch(served, compile=False, flush_interval=60.0)
+    with torch.inference_mode():
+        for _ in range(5):
+            served(torch.randn(1, 4))
+    monitor.close()
+    assert monitor.latest is not None
+    assert monitor.latest.layers("lifetime")["act"].rows == 5
