@@ -260,6 +260,9 @@ def views(cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> list[View]:
     return [View(instrument_name="neuronwatch.*", aggregation_cardinality_limit=cardinality_limit)]
 
 
+MAX_INTERVAL = 86_400.0  # a day; the SDK's timer takes milliseconds and cannot sleep for ever
+
+
 def meter_provider(
     service_name: str = "neuronwatch",
     *,
@@ -289,8 +292,14 @@ def meter_provider(
         from opentelemetry.sdk.resources import Resource
     except ImportError as exc:
         raise MissingExtraError("opentelemetry-sdk", "otel") from exc
-    if not interval > 0:
-        raise ConfigError(f"interval must be a positive number of seconds, got {interval!r}")
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not 0 < interval <= MAX_INTERVAL
+    ):
+        raise ConfigError(
+            f"interval must be a number of seconds in (0, {MAX_INTERVAL:g}], got {interval!r}"
+        )
     exporter: Any
     if protocol == "http":
         try:

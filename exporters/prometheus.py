@@ -18,7 +18,9 @@ so 20 scrapes a second cost one rendering per flush. The families are those of
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from types import TracebackType
 from typing import Any
 
@@ -42,6 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9464  # the port OpenTelemetry's Prometheus exporters default to
+MAX_TIMEOUT = 3600.0  # a connection deadline beyond an hour would be no deadline at all
 
 
 class PrometheusServer:
@@ -102,8 +105,20 @@ def serve(
         raise ConfigError("TLS needs both certfile and keyfile (PEM files); got only one")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"port must be an integer in 0-65535 (0: any free port), got {port!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(addr, str) or not addr:
+        raise ConfigError(
+            f"addr must name an interface to listen on, got {addr!r}; "
+            '"127.0.0.1" (this machine only) or "0.0.0.0" (every interface)'
+        )
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise ConfigError(
+            f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {timeout!r}; "
+            "it bounds how long one scrape may hold a connection"
+        )
     if (
         isinstance(max_connections, bool)
         or not isinstance(max_connections, int)
@@ -114,7 +129,7 @@ def serve(
     if certfile is not None and keyfile is not None:
         try:
             tls = tls_context(certfile, keyfile)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ConfigError(
                 f"cannot load TLS certificate {certfile!r} / key {keyfile!r}: {exc}; "
                 "pass PEM files (e.g. from openssl req -x509 -newkey rsa:2048 -nodes ...)"
@@ -131,11 +146,18 @@ def serve(
         server = MetricsServer(
             addr, port, respond, tls=tls, timeout=timeout, max_connections=max_connections
         )
-    except OSError as exc:
+    except socket.gaierror as exc:
         raise ConfigError(
-            f"cannot listen on {addr}:{port}: {exc.strerror or exc}; pick another port "
-            "(port=0 takes any free one)"
+            f"cannot listen on {addr}:{port}: {addr!r} does not resolve ({exc.strerror or exc}); "
+            'pass an interface address such as "127.0.0.1" or "0.0.0.0"'
         ) from exc
+    except OSError as exc:
+        hint = (
+            "pick another port (port=0 takes any free one)"
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES)
+            else "pass an address of this machine"
+        )
+        raise ConfigError(f"cannot listen on {addr}:{port}: {exc.strerror or exc}; {hint}") from exc
     handle = PrometheusServer(server.start(), exporter)
     log.info("serving neuronwatch metrics at %s", handle.url)
     return handle

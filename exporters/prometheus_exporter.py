@@ -20,7 +20,13 @@ from neuronwatch.metric_values import Reading, check_patterns, check_source, rea
 from neuronwatch.monitor import SnapshotSource
 from neuronwatch.snapshot import Snapshot
 
-from .prometheus_text import CONTENT_TYPE_OPENMETRICS, CONTENT_TYPE_TEXT, choose_format, render
+from .prometheus_text import (
+    CONTENT_TYPE_OPENMETRICS,
+    CONTENT_TYPE_TEXT,
+    accepted,
+    choose_format,
+    render,
+)
 
 __all__ = ["NeuronwatchCollector", "PrometheusExporter", "as_exporter"]
 
@@ -68,24 +74,27 @@ class PrometheusExporter:
     # -- reading --------------------------------------------------------------------------------
 
     def _snapshots(self) -> tuple[Snapshot, ...]:
-        """Each source's latest snapshot, read once; one per model name."""
-        seen: dict[str, Snapshot] = {}
+        """Each source's latest snapshot, read once; one per model name: a live source's
+        over a closed one's, then the newest (a rerun that reuses a name replaces the old run)."""
+        seen: dict[str, tuple[tuple[bool, float], Snapshot]] = {}
         for source in list(self._sources):
             snapshot = source.latest
             if snapshot is None:
                 continue
+            rank = (not getattr(source, "closed", False), snapshot.taken_at)
             if snapshot.model in seen:
-                # Two sources of one model name would give duplicate series: keep the first.
+                # Two sources of one model name would give duplicate series: keep one.
                 if snapshot.model not in self._duplicates_logged:
                     self._duplicates_logged.add(snapshot.model)
                     log.warning(
-                        "two watched models are both called %r; exporting the first only "
-                        "(give each a name: neuronwatch.watch(model, name=...))",
+                        "two watched models are both called %r; exporting the live or newest "
+                        "one only (give each a name: neuronwatch.watch(model, name=...))",
                         snapshot.model,
                     )
-                continue
-            seen[snapshot.model] = snapshot
-        return tuple(seen.values())
+                if seen[snapshot.model][0] >= rank:
+                    continue
+            seen[snapshot.model] = (rank, snapshot)
+        return tuple(snapshot for _, snapshot in seen.values())
 
     def _readings_of(self, snapshots: tuple[Snapshot, ...]) -> list[Reading]:
         readings = []
@@ -128,7 +137,7 @@ class PrometheusExporter:
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """HTTP status, headers and body of a scrape with these request headers."""
         openmetrics = choose_format(accept)
-        compress = "gzip" in (accept_encoding or "").lower()
+        compress = accepted(accept_encoding, "gzip")
         body = self.render(openmetrics, compress)
         headers = [("Content-Type", CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT)]
         if compress:

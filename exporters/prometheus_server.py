@@ -4,8 +4,9 @@ Why not prometheus_client's ``start_http_server``: it wraps the *listening* sock
 the handshake runs in its accept loop, and one client that connects and sends nothing stalls
 every later scrape; its handler threads also wait forever on idle connections. Here:
 
-- every connection is served by its own daemon thread with a socket timeout, TLS included
-  (the handshake happens in that thread, under the timeout);
+- every connection is served by its own daemon thread under one deadline for the whole
+  exchange, TLS handshake included (the handshake happens in that thread): a client that
+  drips a byte at a time, or reads the answer a byte at a time, is cut off when it passes;
 - at most ``max_connections`` are served at once; further ones are closed at once, so a flood
   costs accept() calls, not threads;
 - a malformed request gets the standard library's 400 and is logged at debug level; nothing
@@ -16,10 +17,12 @@ The training thread shares nothing with the server but the published snapshot it
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from socketserver import TCPServer, ThreadingMixIn
@@ -40,8 +43,54 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2 or newer) for ``certfile``/``keyfile``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=certfile, keyfile=keyfile)
+    context.load_cert_chain(certfile=certfile, keyfile=keyfile, password=_no_passphrase(keyfile))
     return context
+
+
+def _no_passphrase(keyfile: str) -> Callable[[], bytes]:
+    # Without a password callback OpenSSL prompts on the terminal for an encrypted key and a
+    # server started from a job would hang there.
+    def refuse() -> bytes:
+        raise ValueError(
+            f"the TLS key {keyfile!r} is encrypted; decrypt it first "
+            "(openssl pkey -in KEY -out KEY.plain) and keep it readable by this process only"
+        )
+
+    return refuse
+
+
+class _DeadlineIO(io.RawIOBase):
+    """Socket reads and writes that all share one deadline.
+
+    A socket timeout bounds each recv/send alone, so a client sending one byte every few
+    seconds would hold a thread for ever; re-arming the timeout with what is left of the
+    deadline before every call bounds the whole exchange.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def _arm(self) -> None:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the connection used up its deadline")
+        self._sock.settimeout(remaining)
+
+    def readinto(self, buffer: Any) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer)
+
+    def write(self, data: Any) -> int:
+        self._arm()
+        return self._sock.send(data)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,28 +101,40 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
+        # One deadline for the whole connection, handshake included (the ssl module bounds a
+        # whole handshake by the socket timeout, so arming it with the full budget is enough).
+        deadline = time.monotonic() + self.server.timeout_seconds
         self.request.settimeout(self.server.timeout_seconds)
         context = self.server.tls
         if context is not None:
-            # In this connection's thread, under its timeout: a silent client stalls nobody.
+            # In this connection's thread: a silent client stalls nobody else.
             self.request = context.wrap_socket(self.request, server_side=True)
-        # The class attribute `timeout` stays None: the socket already has its timeout.
-        super().setup()
+        self.connection = self.request
+        raw = _DeadlineIO(self.request, deadline)
+        self.rfile = io.BufferedReader(raw)
+        self.wfile = io.BufferedWriter(raw)
 
     def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
         try:
-            status, headers, body = self.server.respond(
+            status, headers, content = self.server.respond(
                 self.path, self.headers.get("Accept"), self.headers.get("Accept-Encoding")
             )
         except Exception:  # a broken scrape must not take the server down: count it as 500
             log.exception("rendering %s failed", self.path)
-            status, headers, body = 500, [("Content-Type", "text/plain")], b"render failed\n"
+            status, headers, content = 500, [("Content-Type", "text/plain")], b"render failed\n"
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(content)))
         self.end_headers()
-        self.wfile.write(body)
+        if body:
+            self.wfile.write(content)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)

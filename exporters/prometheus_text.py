@@ -21,12 +21,29 @@ CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
+def accepted(header: str | None, token: str) -> bool:
+    """Whether an ``Accept``/``Accept-Encoding`` header lists ``token`` with a weight above
+    zero (``gzip;q=0`` is a refusal, not a request)."""
+    for part in (header or "").split(","):
+        name, *params = part.split(";")
+        if name.strip().lower() != token:
+            continue
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if weight > 0:
+            return True
+    return False
+
+
 def choose_format(accept: str | None) -> bool:
     """Whether the ``Accept`` header asks for OpenMetrics (Prometheus does, by default)."""
-    return any(
-        part.split(";", 1)[0].strip() == "application/openmetrics-text"
-        for part in (accept or "").split(",")
-    )
+    return accepted(accept, "application/openmetrics-text")
 
 
 def _label_value(value: str) -> str:

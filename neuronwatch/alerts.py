@@ -90,14 +90,23 @@ class _WindowRule:
 
     def __init__(self, layers: Sequence[str] | None) -> None:
         self.layers = check_patterns(layers)
-        self._windows_seen: dict[str, int] = {}
+        self._windows_seen: dict[str, tuple[int, int]] = {}  # model -> (windows, step)
+
+    def forget(self, model: str) -> None:
+        """Drop what the rule remembers about ``model`` (a new run of it started)."""
 
     def new_window(self, snapshot: Snapshot) -> dict[str, LayerStats]:
         """The last window's layers if a window completed since the previous call, else {}."""
-        seen = self._windows_seen.get(snapshot.model, 0)
-        if snapshot.windows_completed <= seen:
+        windows, step = self._windows_seen.get(snapshot.model, (0, 0))
+        if snapshot.windows_completed < windows or snapshot.step < step:
+            # Counts only grow within a run: a model name seen again from the start is a
+            # rerun, and the old run's streaks and shares must not carry over into it.
+            self.forget(snapshot.model)
+            windows = 0
+        latest = max(windows, snapshot.windows_completed)
+        self._windows_seen[snapshot.model] = (latest, snapshot.step)
+        if snapshot.windows_completed <= windows:
             return {}
-        self._windows_seen[snapshot.model] = snapshot.windows_completed
         last = snapshot.windows["last"]
         return {name: last[name] for name in select_layers(list(last), self.layers)}
 
@@ -116,6 +125,9 @@ class DeadRatioHigh(_WindowRule):
         self.above = _ratio("above", above)
         self.windows = _count("windows", windows, 1)
         self._streak: dict[tuple[str, str], int] = {}
+
+    def forget(self, model: str) -> None:
+        self._streak = {key: n for key, n in self._streak.items() if key[0] != model}
 
     def evaluate(self, snapshot: Snapshot) -> list[Alert]:
         alerts = []
@@ -151,6 +163,9 @@ class AliveShareDrop(_WindowRule):
         self.points = _ratio("points", points)
         self._previous: dict[tuple[str, str], float] = {}
 
+    def forget(self, model: str) -> None:
+        self._previous = {key: v for key, v in self._previous.items() if key[0] != model}
+
     def evaluate(self, snapshot: Snapshot) -> list[Alert]:
         alerts = []
         for layer, stats in self.new_window(snapshot).items():
@@ -160,7 +175,8 @@ class AliveShareDrop(_WindowRule):
             share = alive_share(stats)
             before = self._previous.get(key)
             self._previous[key] = share
-            if before is not None and before - share >= self.points:
+            # A tolerance: 0.9 - 0.7 is 0.19999999999999996 in floating point.
+            if before is not None and before - share >= self.points - 1e-9:
                 alerts.append(
                     Alert(
                         self.name,
@@ -233,6 +249,10 @@ class Alerts:
     ) -> None:
         self.rules = list(default_rules() if rules is None else rules)
         for rule in self.rules:
+            if isinstance(rule, type):
+                raise ConfigError(
+                    f"{rule.__name__} is a rule class; pass an instance: {rule.__name__}()"
+                )
             if not isinstance(rule, Rule):
                 raise ConfigError(
                     f"{rule!r} is not an alert rule: it needs a name and evaluate(snapshot)"

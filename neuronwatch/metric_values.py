@@ -153,10 +153,19 @@ def _info_labels(stats: LayerStats) -> tuple[str, ...]:
     )
 
 
+def label_text(name: str) -> str:
+    """``name`` as a label value every exposition can encode: Python names may hold lone
+    surrogates (from undecodable bytes), which UTF-8 cannot carry; they become ``\\udcff``."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _model_series(snapshot: Snapshot, window: str) -> dict[str, Series]:
-    by_model = [(snapshot.model,)]
+    model = label_text(snapshot.model)
+    by_model = [(model,)]
     series = {
-        "neuronwatch_build": Series([(snapshot.model, __version__)], [1.0]),
+        "neuronwatch_build": Series([(model, __version__)], [1.0]),
         "neuronwatch_steps": Series(by_model, [float(snapshot.step)]),
         "neuronwatch_windows_completed": Series(by_model, [float(snapshot.windows_completed)]),
         "neuronwatch_last_update_timestamp_seconds": Series(by_model, [snapshot.taken_at]),
@@ -187,8 +196,9 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     selected = select_layers(list(shown), layers)
     chosen = [shown[name] for name in selected]
     lives = [snapshot.partials(name) for name in selected]  # lifetime holds every layer
+    model = label_text(snapshot.model)
     labels = [
-        (snapshot.model, name, stats.kind) for name, stats in zip(selected, chosen, strict=True)
+        (model, label_text(name), stats.kind) for name, stats in zip(selected, chosen, strict=True)
     ]
     neurons = [float(stats.neurons) for stats in chosen]
     per = _Layers([stats.neurons for stats in chosen])
@@ -241,7 +251,7 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     errors = snapshot.errors
     failed_only = select_layers(sorted(set(errors) - set(shown)), layers)
     failed_labels = [
-        (snapshot.model, name, lifetime[name].kind if name in lifetime else "")
+        (model, label_text(name), lifetime[name].kind if name in lifetime else "")
         for name in failed_only
     ]
     series["neuronwatch_hook_errors"] = Series(

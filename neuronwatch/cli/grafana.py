@@ -6,6 +6,7 @@ The files ship inside the package (``neuronwatch.grafana``) and are read with
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -66,13 +67,18 @@ def export_files(
     Files already there with the same content are left alone; different ones are an error
     unless ``force``. Everything is written to temporary files first: all or nothing.
     """
-    if prometheus_url is not None and not prometheus_url.startswith(("http://", "https://")):
+    if prometheus_url is not None and (
+        not prometheus_url.startswith(("http://", "https://")) or _has_control(prometheus_url)
+    ):
         raise ConfigError(
-            f"--prometheus-url must be an http:// or https:// URL, got {prometheus_url!r}"
+            f"--prometheus-url must be an http:// or https:// URL on one line, got "
+            f"{prometheus_url!r}"
         )
-    if dashboards_path is not None and not PurePosixPath(dashboards_path).is_absolute():
+    if dashboards_path is not None and (
+        not PurePosixPath(dashboards_path).is_absolute() or _has_control(dashboards_path)
+    ):
         raise ConfigError(
-            f"--dashboards-path must be an absolute path on the Grafana host, got "
+            f"--dashboards-path must be an absolute path on the Grafana host, on one line, got "
             f"{dashboards_path!r}"
         )
     if directory.exists() and not directory.is_dir():
@@ -81,11 +87,14 @@ def export_files(
     for relative, data in bundled_files().items():
         if prometheus_url and relative.parts[:2] == ("provisioning", "datasources"):
             data = _replace(
-                data, f"url: {DEFAULT_PROMETHEUS_URL}", f"url: {prometheus_url}", relative
+                data, f"url: {DEFAULT_PROMETHEUS_URL}", f"url: {_yaml(prometheus_url)}", relative
             )
         if dashboards_path and relative.parts[:2] == ("provisioning", "dashboards"):
             data = _replace(
-                data, f"path: {DEFAULT_DASHBOARDS_PATH}", f"path: {dashboards_path}", relative
+                data,
+                f"path: {DEFAULT_DASHBOARDS_PATH}",
+                f"path: {_yaml(dashboards_path)}",
+                relative,
             )
         outputs[directory.joinpath(*relative.parts)] = data
     changed = {path: data for path, data in outputs.items() if not _same(path, data)}
@@ -95,10 +104,26 @@ def export_files(
             f"{', '.join(clashes)} already exist(s) with other content; pass --force to "
             "overwrite, or export to an empty directory"
         )
-    for path in changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_files_atomic(changed)
+    try:
+        for path in changed:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_files_atomic(changed)
+    except OSError as exc:
+        where = exc.filename or directory
+        raise ConfigError(
+            f"cannot write the Grafana files under {directory}: {exc.strerror or exc} ({where}); "
+            "pick a DIR you can write to"
+        ) from exc
     return list(changed)
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+
+
+def _yaml(text: str) -> str:
+    # A JSON string is a YAML double-quoted scalar: '#', ': ' or quotes in a path stay text.
+    return json.dumps(text)
 
 
 def _same(path: Path, data: bytes) -> bool:

@@ -154,12 +154,14 @@ def test_export_writes_the_bundle_and_promtool_accepts_its_rules(tmp_path: Path)
 
 def test_export_sets_urls_and_refuses_to_overwrite_edits(tmp_path: Path) -> None:
     out = tmp_path / "g"
-    args = ["--prometheus-url", "https://prom.example:9090", "--dashboards-path", "/srv/dash"]
+    # YAML-significant characters stay text: '#' would start a comment, ': ' a mapping.
+    url, path = "https://prom.example:9090/#x", "/srv/my dash: 'a' #1"
+    args = ["--prometheus-url", url, "--dashboards-path", path]
     assert CliRunner().invoke(grafana, ["export", str(out), *args]).exit_code == 0
     source = yaml.safe_load((out / "provisioning/datasources/neuronwatch.yaml").read_text())
-    assert source["datasources"][0]["url"] == "https://prom.example:9090"
+    assert source["datasources"][0]["url"] == url
     provider = yaml.safe_load((out / "provisioning/dashboards/neuronwatch.yaml").read_text())
-    assert provider["providers"][0]["options"]["path"] == "/srv/dash"
+    assert provider["providers"][0]["options"]["path"] == path
 
     edited = out / "dashboards" / "neuronwatch.json"
     edited.write_text("{}")
@@ -177,6 +179,8 @@ def test_export_sets_urls_and_refuses_to_overwrite_edits(tmp_path: Path) -> None
     [
         (["--prometheus-url", "prom:9090"], "must be an http:// or https:// URL"),
         (["--dashboards-path", "dashboards"], "must be an absolute path"),
+        (["--dashboards-path", "/srv/a\nb: c"], "on one line"),
+        (["--prometheus-url", "http://p:9090\nx: y"], "on one line"),
     ],
 )
 def test_export_rejects_bad_options_in_one_line(
@@ -187,6 +191,15 @@ def test_export_rejects_bad_options_in_one_line(
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "g").exists()
+
+
+def test_export_to_an_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(grafana, ["export", str(blocker / "g")])
+    assert result.exit_code == 1
+    assert "cannot write the Grafana files under" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_every_alert_has_a_runbook_paragraph() -> None:

@@ -98,6 +98,9 @@ def test_malformed_requests_get_an_error_and_the_server_goes_on(training: Traini
         assert b" 431 " in raw(server.port, many_headers).split(b"\r\n")[0]
         assert raw(server.port, b"POST /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 501")
         assert raw(server.port, b"GET /other HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404")
+        head = raw(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200")
+        assert head.endswith(b"\r\n\r\n")  # headers and no body
         assert raw(server.port, bytes(range(256)) * 4)[:8] in (b"HTTP/1.0", b"")
         assert "neuronwatch_neurons" in get(server.url)
         time.sleep(0.5)
@@ -123,6 +126,31 @@ def test_idle_connections_are_bounded_and_dropped(training: Training) -> None:
         finally:
             for sock in held:
                 sock.close()
+
+
+def test_a_client_that_drips_bytes_is_cut_off_at_the_deadline(training: Training) -> None:
+    # Slowloris: one header byte every 0.2 s resets a per-read timeout for ever; the deadline
+    # covers the whole connection, so the server hangs up soon after ``timeout`` seconds.
+    with serve(training.monitor, port=0, timeout=1.0) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n")
+            started = time.monotonic()
+            cut = None
+            while time.monotonic() - started < 8:
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    cut = time.monotonic() - started
+                    break
+                sock.settimeout(0.2)
+                try:
+                    if sock.recv(65536) == b"":
+                        cut = time.monotonic() - started
+                        break
+                except TimeoutError:
+                    pass
+            assert cut is not None, "the server kept a dripping client for 8 s"
+        assert "neuronwatch_neurons" in get(server.url)
 
 
 # Another process floods, as an attacker would: its own CPU use does not count against the

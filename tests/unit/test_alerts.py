@@ -79,6 +79,29 @@ def test_alive_share_drop_compares_consecutive_windows(monitor: Monitor) -> None
     assert alert is None  # the first window has nothing to compare with
 
 
+def test_alive_share_drop_of_exactly_points_fires_despite_rounding(monitor: Monitor) -> None:
+    snapshots = [window(monitor, d) for d in (3, 5)]  # 0.7 - 0.5 == 0.19999999999999996
+    assert fired(AliveShareDrop(points=0.2), snapshots) == [1]
+
+
+def test_a_rerun_of_a_model_starts_its_rules_afresh() -> None:
+    def run(dead: list[int]) -> list[Snapshot]:
+        engine = Engine("mlp", min_rows=10)
+        engine.add_layer("act", "ReLU")
+        fresh = Monitor(engine)
+        return [window(fresh, d) for d in dead]
+
+    dead_rule, drop_rule = DeadRatioHigh(above=0.3, windows=2), AliveShareDrop(points=0.2)
+    first, second = run([4, 4, 4, 0]), run([4, 4, 7])
+    # The first run fires at its second window; the rerun of the same model name counts its
+    # windows from one again (it is not skipped until it passes the old run's four) and its
+    # first window is not compared with the old run's last.
+    assert fired(dead_rule, first) == [1]
+    assert fired(dead_rule, second) == [1]
+    assert fired(drop_rule, first) == []  # shares 0.6 0.6 0.6 1.0: no drop
+    assert fired(drop_rule, second) == [2]  # 0.6 0.6 0.3; the rerun's 0.6 after 1.0 is no drop
+
+
 def test_alive_share_drop_skips_windows_still_unknown(monitor: Monitor) -> None:
     rule = AliveShareDrop(points=0.2)
     assert rule.evaluate(window(monitor, 0)) == []
@@ -159,6 +182,8 @@ def test_defaults_and_bad_arguments() -> None:
         SilentNeurons(steps=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="not an alert rule"):
         Alerts([object()])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match=r"DeadRatioHigh is a rule class; pass an instance"):
+        Alerts([DeadRatioHigh])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="interval"):
         Alerts().watch(Monitor(Engine()), interval=0)
     with pytest.raises(ConfigError, match="layers must be a list"):

@@ -167,8 +167,9 @@ def test_bad_arguments_name_the_fix() -> None:
         otel.views(0)
     with pytest.raises(ConfigError, match="protocol must be"):
         otel.meter_provider(protocol="udp")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="interval"):
-        otel.meter_provider(interval=0)
+    for interval in (0, float("inf"), float("nan"), "15"):
+        with pytest.raises(ConfigError, match=r"interval must be a number of seconds in \(0, "):
+            otel.meter_provider(interval=interval)  # type: ignore[arg-type]
 
 
 def test_meter_provider_sets_the_resource() -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import subprocess
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from exporter_fixtures import planted_monitor
 
@@ -29,7 +32,7 @@ from prometheus_client.openmetrics import exposition as om_exposition  # noqa: E
 from prometheus_client.openmetrics import parser as om_parser  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from neuronwatch import Monitor, Snapshot  # noqa: E402
+from neuronwatch import Engine, Monitor, Snapshot  # noqa: E402
 from neuronwatch.errors import ConfigError  # noqa: E402
 
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
@@ -147,6 +150,19 @@ def test_several_models_share_one_exposition_and_duplicates_are_dropped(
     assert "two watched models are both called 'a'" in caplog.text
 
 
+def test_a_live_run_wins_over_a_closed_one_of_the_same_name() -> None:
+    old, new = planted_monitor(model="a", windows=3), planted_monitor(model="a", windows=1)
+    old.close()
+    for sources in ((old, new), (new, old)):
+        [reading] = PrometheusExporter(*sources).readings()
+        assert reading.snapshot is new.latest
+    # Both live: the newest snapshot wins.
+    live_old = planted_monitor(model="a", windows=3)
+    fresher = planted_monitor(model="a", windows=1)
+    [reading] = PrometheusExporter(live_old, fresher).readings()
+    assert reading.snapshot is fresher.latest
+
+
 def test_the_layer_option_keeps_matching_layers(monitor: Monitor) -> None:
     parsed = families(PrometheusExporter(monitor, layers=["fc*"]).render().decode(), False)
     layers = {dict(labels)["layer"] for _, labels in parsed["neuronwatch_neurons"][2]}
@@ -163,6 +179,12 @@ def test_respond_negotiates_the_format_and_compression(monitor: Monitor) -> None
     assert dict(headers) == {"Content-Type": CONTENT_TYPE_TEXT}
     assert body == exporter.render(openmetrics=False)
     assert choose_format("text/plain;version=0.0.4") is False
+    # A weight of zero refuses: no OpenMetrics, no gzip.
+    assert choose_format("application/openmetrics-text;q=0,text/plain;q=1") is False
+    status, headers, body = exporter.respond(None, "gzip;q=0, identity")
+    assert "Content-Encoding" not in dict(headers)
+    assert body == exporter.render(openmetrics=False)
+    assert dict(exporter.respond(None, "GZIP;q=0.5")[1])["Content-Encoding"] == "gzip"
 
 
 def test_the_wsgi_app(monitor: Monitor) -> None:
@@ -224,14 +246,48 @@ def test_bad_arguments_name_the_fix(monitor: Monitor) -> None:
         serve(monitor, port=70_000)
     with pytest.raises(ConfigError, match="cannot load TLS certificate"):
         serve(monitor, port=0, certfile="missing.pem", keyfile="missing.key")
-    with pytest.raises(ConfigError, match="timeout must be a positive number"):
-        serve(monitor, port=0, timeout=0)
+    for timeout in (0, float("inf"), float("nan"), True):
+        with pytest.raises(ConfigError, match=r"timeout must be a number of seconds in \(0, 36"):
+            serve(monitor, port=0, timeout=timeout)
+    with pytest.raises(ConfigError, match="addr must name an interface"):
+        serve(monitor, port=0, addr=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="does not resolve"):
+        serve(monitor, port=0, addr="no-such-host.invalid")
     with pytest.raises(ConfigError, match="max_connections must be a positive integer"):
         serve(monitor, port=0, max_connections=0)
     with pytest.raises(ConfigError, match="to the PrometheusExporter"):
         serve(PrometheusExporter(monitor), port=0, labels={"run": "x"})
 
 
+def test_an_encrypted_key_is_an_error_not_a_terminal_prompt(
+    monitor: Monitor, tmp_path: Path
+) -> None:
+    # OpenSSL's default is to prompt on the terminal, which hangs a server started from a job.
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out",
+         str(cert), "-days", "1", "-subj", "/CN=localhost", "-passout", "pass:secret"],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="is encrypted; decrypt it first"):
+        serve(monitor, port=0, certfile=str(cert), keyfile=str(key))
+
+
 def test_a_busy_port_is_a_one_line_error(monitor: Monitor) -> None:
     with serve(monitor, port=0) as server, pytest.raises(ConfigError, match="cannot listen"):
         serve(monitor, port=server.port)
+
+
+def test_names_with_lone_surrogates_still_render() -> None:
+    # Module names built from undecodable bytes hold lone surrogates; UTF-8 cannot carry them.
+    engine = Engine("m\udcff", min_rows=1)
+    engine.add_layer("fc\udcfe.act", "ReLU")
+    source = Monitor(engine, flush_every=1)
+    engine.observe("fc\udcfe.act", np.ones((3, 2)))
+    source.step()
+    exporter = PrometheusExporter(source)
+    for openmetrics in (False, True):
+        parsed = families(exporter.render(openmetrics=openmetrics).decode(), openmetrics)
+        labels = {dict(pairs)["layer"] for _, pairs in parsed["neuronwatch_neurons"][2]}
+        assert labels == {"fc\\udcfe.act"}
+    assert reference(exporter, openmetrics=False)  # prometheus_client encodes it too
