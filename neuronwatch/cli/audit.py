@@ -113,6 +113,11 @@ def _adapter() -> Any:
               "'' counts every row.")  # fmt: skip
 @click.option("--histogram-every", type=click.IntRange(min=1), default=8, show_default=True,
               help="Compute the value histogram on one batch in this many.")  # fmt: skip
+@click.option(
+    "--pre", is_flag=True,
+    help="Also watch each activation's input (layers <name>:pre): what `neuronwatch rescue "
+    "lift` needs.",
+)  # fmt: skip
 @click.option("--name", default=None, help="Model name in the report. [default: from the file]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
 @budget_options
@@ -132,6 +137,7 @@ def audit(
     min_rows: int | None,
     mask: str,
     histogram_every: int,
+    pre: bool,
     name: str | None,
     seed: int,
     quiet: bool,
@@ -144,6 +150,7 @@ def audit(
       neuronwatch audit model.onnx --data batches.npz --out audit/
       neuronwatch audit model.onnx --data shards/ --out audit/ --max-dead-ratio 0.3
       neuronwatch audit model.onnx --random 256 --shape input_ids=128 --out smoke/
+      neuronwatch audit model.onnx --data batches.npz --pre --out audit-pre/   (for lift)
     """
     screen = console()
     with domain_errors():
@@ -162,6 +169,7 @@ def audit(
             mask=mask or None,
             flush_interval=None,
             histogram_every=histogram_every,
+            pre=pre,
             strict=True,
             **settings,
         )

@@ -14,6 +14,7 @@ from onnx_fixtures import DEAD, MLP, Encoder, encoder_batches, export
 
 from neuronwatch import Report
 from neuronwatch.cli.audit import audit
+from neuronwatch.cli.rescue import rescue
 from neuronwatch.errors import ConfigError
 
 
@@ -51,6 +52,26 @@ def test_audit_writes_report_plots_and_page(mlp_file: Path, data: Path, tmp_path
     assert report.layers["act"].dead_indices.tolist() == DEAD
     assert report.meta["onnx"]["provider"] == "CPUExecutionProvider"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".audit")]
+
+
+def test_pre_audits_feed_rescue_lift(mlp_file: Path, data: Path, tmp_path: Path) -> None:
+    # --pre watches each activation's input too: lift raises dead neurons' biases from those
+    # statistics, and the lifted file's dead neurons fire when audited again.
+    result = invoke(mlp_file, "--data", data, "--out", tmp_path / "pre", "--pre",
+                    "--min-rows", "100", "--quiet")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = Report.load(tmp_path / "pre")
+    assert {"act", "act:pre"} <= set(report.layers)
+    assert report.layers["act:pre"].rows == 300
+    lifted = tmp_path / "lifted.onnx"
+    rescued = CliRunner().invoke(
+        rescue, ["lift", str(mlp_file), "--report", str(tmp_path / "pre"), "--out", str(lifted)]
+    )
+    assert rescued.exit_code == 0, rescued.output
+    again = invoke(lifted, "--data", data, "--out", tmp_path / "after", "--min-rows", "100",
+                   "--quiet")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert Report.load(tmp_path / "after").layers["act"].dead_indices.tolist() == []
 
 
 def test_budget_fails_the_build_and_writes_a_summary(
