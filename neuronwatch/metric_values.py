@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .metric_families import FAMILIES, SILENT_STEP_BUCKETS
 from .snapshot import Snapshot, steps_silent
 from .states import STATES
-from .stats import FREQUENCY_EDGES, LayerStats
+from .stats import FREQUENCY_EDGES, JudgedLayers, LayerStats
 
 __all__ = [
     "Histogram",
@@ -194,7 +194,11 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     series = _model_series(snapshot, resolved)
 
     selected = select_layers(list(shown), layers)
-    chosen = [shown[name] for name in selected]
+    chosen = (
+        shown.judge(selected)
+        if isinstance(shown, JudgedLayers)
+        else [shown[name] for name in selected]
+    )
     lives = [snapshot.partials(name) for name in selected]  # lifetime holds every layer
     model = label_text(snapshot.model)
     labels = [

@@ -7,9 +7,9 @@ the same verdicts, which is what lets reports be reloaded, merged and re-judged 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,7 +20,7 @@ from .partials import Partials
 from .states import State, parse_state
 from .wiring import Wiring, active_parameter_counts
 
-__all__ = ["FREQUENCY_EDGES", "JudgedLayers", "LayerStats", "summarize"]
+__all__ = ["FREQUENCY_EDGES", "JudgedLayers", "LayerStats", "summarize", "summarize_many"]
 
 # Firing-frequency distribution: one bin for "never fired", then (0, 1e-3], (1e-3, 1e-2], ...
 FREQUENCY_EDGES: tuple[float, ...] = (0.0, 1e-3, 1e-2, 5e-2, 0.25, 0.5, 0.75, 1.0)
@@ -117,46 +117,91 @@ class LayerStats:
 
 def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
     """Judge every neuron of one layer from its partials."""
-    finite_rows = partials.rows - partials.nonfinite
+    [stats] = summarize_many([config], [partials])
+    return stats
+
+
+def _per_neuron(values: Sequence[float], sizes: NDArray[np.intp]) -> NDArray[Any]:
+    """One value per layer repeated over that layer's neurons."""
+    return np.repeat(np.asarray(values), sizes)
+
+
+def summarize_many(
+    configs: Sequence[LayerConfig], partials: Sequence[Partials]
+) -> list[LayerStats]:
+    """Judge many layers at once: the same verdicts as judging each alone, from one numpy pass
+    over all their neurons (a 1,000-layer model is judged in a few milliseconds, where one
+    pass per layer costs ~40 ms: numpy's fixed cost per call dominates small layers).
+
+    Every array of the result is a read-only view into arrays shared by the layers judged
+    together.
+    """
+    if len(configs) != len(partials):
+        raise ValueError(f"{len(configs)} configs for {len(partials)} partials")
+    if not configs:
+        return []
+    sizes = np.asarray([p.neurons for p in partials], dtype=np.intp)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+
+    def joined(field: str) -> NDArray[Any]:
+        return np.concatenate([getattr(p, field) for p in partials])
+
+    fired, nonfinite, abs_sum = joined("fired"), joined("nonfinite"), joined("abs_sum")
+    finite_rows = _per_neuron([p.rows for p in partials], sizes).astype(np.int64) - nonfinite
     has_rows = finite_rows > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        frequency = np.where(has_rows, partials.fired / np.maximum(finite_rows, 1), np.nan)
-        mean_abs = np.where(has_rows, partials.abs_sum / np.maximum(finite_rows, 1), 0.0)
-    known = finite_rows >= config.min_rows
-    # ReDo score: a neuron's mean |a| over the layer's average mean |a|.
-    layer_mean = float(mean_abs[has_rows].mean()) if has_rows.any() else 0.0
-    dormancy = mean_abs / layer_mean if layer_mean > 0 else np.zeros_like(mean_abs)
-    never = known & (partials.fired == 0)
-    if config.saturates:
-        saturated = known & (partials.saturated == finite_rows)
-    else:
-        saturated = np.zeros_like(known)
+        frequency = np.where(has_rows, fired / np.maximum(finite_rows, 1), np.nan)
+        mean_abs = np.where(has_rows, abs_sum / np.maximum(finite_rows, 1), 0.0)
+    known = finite_rows >= _per_neuron([c.min_rows for c in configs], sizes)
+    # ReDo score: a neuron's mean |a| over its layer's average mean |a| (per layer, with
+    # numpy's own mean, so a layer judged alone or with others gets the same bits).
+    layer_means = []
+    for lo, hi in itertools.pairwise(bounds.tolist()):
+        values = mean_abs[lo:hi][has_rows[lo:hi]]
+        layer_means.append(float(values.mean()) if values.size else 0.0)
+    layer_mean = _per_neuron(layer_means, sizes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dormancy = np.where(layer_mean > 0, mean_abs / np.where(layer_mean > 0, layer_mean, 1), 0.0)
+    never = known & (fired == 0)
+    saturates = _per_neuron([c.saturates for c in configs], sizes).astype(bool)
+    saturated = known & saturates & (joined("saturated") == finite_rows)
     # Dead = no gradient on any row: never firing where the family is flat below its threshold,
     # or never firing while stuck in a flat region (saturated, or Hardswish's exact-zero floor).
-    no_gradient = saturated.copy() if not config.can_die else np.ones_like(never)
-    if FAMILIES[config.family].zero_floor:
-        no_gradient |= (partials.max == 0.0) & (partials.min == 0.0)
+    can_die = _per_neuron([c.can_die for c in configs], sizes).astype(bool)
+    zero_floor = _per_neuron([FAMILIES[c.family].zero_floor for c in configs], sizes)
+    no_gradient = can_die | saturated
+    no_gradient |= zero_floor.astype(bool) & (joined("max") == 0.0) & (joined("min") == 0.0)
     dead = never & no_gradient
     leaking = never & ~dead
-    asleep = known & ~never & (frequency < config.asleep_below)
+    asleep = known & ~never & (frequency < _per_neuron([c.asleep_below for c in configs], sizes))
     active = known & ~never & ~asleep
-    dormant = known & (dormancy <= config.tau)
-    return LayerStats(
-        config=config,
-        partials=partials,
-        finite_rows=_readonly(np.asarray(finite_rows, dtype=np.int64)),
-        frequency=_readonly(frequency),
-        mean_abs=_readonly(mean_abs),
-        dormancy=_readonly(dormancy),
-        known=_readonly(known),
-        unknown=_readonly(~known),
-        dead=_readonly(dead),
-        leaking=_readonly(leaking),
-        asleep=_readonly(asleep),
-        active=_readonly(active),
-        dormant=_readonly(dormant),
-        saturated=_readonly(saturated),
-    )
+    dormant = known & (dormancy <= _per_neuron([c.tau for c in configs], sizes))
+    arrays = {
+        "finite_rows": np.asarray(finite_rows, dtype=np.int64),
+        "frequency": frequency,
+        "mean_abs": mean_abs,
+        "dormancy": dormancy,
+        "known": known,
+        "unknown": ~known,
+        "dead": dead,
+        "leaking": leaking,
+        "asleep": asleep,
+        "active": active,
+        "dormant": dormant,
+        "saturated": saturated,
+    }
+    for array in arrays.values():
+        _readonly(array)
+    return [
+        LayerStats(
+            config=config,
+            partials=part,
+            **{name: array[lo:hi] for name, array in arrays.items()},
+        )
+        for config, part, lo, hi in zip(
+            configs, partials, bounds[:-1].tolist(), bounds[1:].tolist(), strict=True
+        )
+    ]
 
 
 def active_parameter_ratio(
@@ -189,6 +234,26 @@ class JudgedLayers(Mapping[str, LayerStats]):
             stats = summarize(self._configs[name], self._partials[name])
             self._judged[name] = stats
         return stats
+
+    def judge(self, names: list[str]) -> list[LayerStats]:
+        """The stats of ``names``, judging the ones not judged yet in one pass (what an
+        exporter reading every layer of a large model wants)."""
+        missing = [name for name in dict.fromkeys(names) if name not in self._judged]
+        judged = summarize_many(
+            [self._configs[name] for name in missing], [self._partials[name] for name in missing]
+        )
+        for name, stats in zip(missing, judged, strict=True):
+            self._judged.setdefault(name, stats)
+        return [self._judged[name] for name in names]
+
+    # Iterating every layer's stats judges them all in one pass, not one layer at a time.
+    def values(self) -> ValuesView[LayerStats]:
+        self.judge(list(self._partials))
+        return super().values()
+
+    def items(self) -> ItemsView[str, LayerStats]:
+        self.judge(list(self._partials))
+        return super().items()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._partials)

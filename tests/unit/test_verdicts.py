@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neuronwatch import ConfigError, Engine, LayerStats, ParamRef, Report, ShapeError, Wiring
+from neuronwatch.stats import summarize
 
 
 def relu_layer(rng: np.random.Generator, rows: int, neurons: int, bias: np.ndarray) -> np.ndarray:
@@ -335,3 +336,59 @@ def test_a_report_of_the_last_window_keeps_the_run_long_silence() -> None:
 def test_an_array_without_neurons_is_refused_by_name() -> None:
     with pytest.raises(ShapeError, match=r"'empty'.* no neurons"):
         Engine("m").observe("empty", np.zeros((4, 0)))
+
+
+def reference_verdicts(stats: LayerStats) -> dict[str, np.ndarray]:
+    """The verdicts of one layer written out plainly, one layer at a time."""
+    config, p = stats.config, stats.partials
+    finite = p.rows - p.nonfinite
+    has = finite > 0
+    mean_abs = np.where(has, p.abs_sum / np.maximum(finite, 1), 0.0)
+    known = finite >= config.min_rows
+    layer_mean = mean_abs[has].mean() if has.any() else 0.0
+    dormancy = mean_abs / layer_mean if layer_mean > 0 else np.zeros_like(mean_abs)
+    never = known & (p.fired == 0)
+    saturated = known & (p.saturated == finite) if config.saturates else np.zeros_like(known)
+    no_gradient = np.ones_like(never) if config.can_die else saturated.copy()
+    if config.family == "hard":  # Hardswish's exact-zero floor
+        no_gradient |= (p.max == 0.0) & (p.min == 0.0)
+    frequency = np.where(has, p.fired / np.maximum(finite, 1), np.nan)
+    asleep = known & ~never & (frequency < config.asleep_below)
+    return {
+        "dead": never & no_gradient,
+        "leaking": never & ~no_gradient,
+        "asleep": asleep,
+        "active": known & ~never & ~asleep,
+        "dormant": known & (dormancy <= config.tau),
+        "saturated": saturated,
+        "dormancy": dormancy,
+        "frequency": frequency,
+    }
+
+
+def test_judging_many_layers_at_once_equals_judging_each_alone() -> None:
+    # Exporters judge every layer of a snapshot in one numpy pass; the verdicts and scores must
+    # be those of each layer judged alone, bit for bit, whatever mix of families and settings.
+    rng = np.random.default_rng(7)
+    engine = Engine("mixed", min_rows=30)
+    kinds = ["ReLU", "LeakyReLU", "GELU", "Tanh", "Sigmoid", "ReLU6", "ELU", "Hardswish"]
+    for i, kind in enumerate(kinds * 3):
+        name = f"l{i}"
+        engine.add_layer(name, kind, min_rows=20 + 7 * (i % 4), tau=0.05 * (i % 3))
+        neurons = 1 + (i * 5) % 17
+        acts = rng.normal(scale=3, size=(60 if i % 5 else 10, neurons))
+        acts[:, 0] = 0.0 if i % 2 else -9.0  # silent or flat neurons in every layer
+        if i % 6 == 0:
+            acts[3, -1] = np.nan
+        engine.observe(name, acts)
+    window = engine.snapshot().layers("current")
+    together = dict(window.items())  # one pass over all layers
+    for name, stats in together.items():
+        alone = summarize(stats.config, stats.partials)
+        expected = reference_verdicts(stats)
+        for field, value in expected.items():
+            np.testing.assert_array_equal(getattr(stats, field), value, err_msg=f"{name} {field}")
+            np.testing.assert_array_equal(getattr(alone, field), value, err_msg=f"{name} {field}")
+    assert sum(s.count("dead") for s in together.values()) > 0
+    assert sum(s.count("leaking") for s in together.values()) > 0
+    assert sum(s.count("unknown") for s in together.values()) > 0
