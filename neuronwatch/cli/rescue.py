@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +36,43 @@ _OWNERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+
 def _check_owners(ctx: click.Context, op: str) -> None:
     for name, owners in _OWNERS.items():
-        if op not in owners and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+        if op not in owners and _given(ctx, name):
             flag = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag} applies to {'/'.join(owners)}, not {op}")
+    if op == "swap" and _given(ctx, "report_dir"):
+        raise click.UsageError(
+            "swap rewrites every matching Relu node and follows no report: drop --report"
+        )
+    state = ctx.params.get("state")
+    if ctx.params.get("dormant") and _given(ctx, "state") and state != "dormant":
+        raise click.UsageError(
+            f"--dormant means --state dormant, which contradicts --state {state}: give one"
+        )
+
+
+@contextmanager
+def _terminated_like_interrupted() -> Iterator[None]:
+    """While a rescue runs, SIGTERM (kill, a job scheduler's timeout) unwinds the way Ctrl-C
+    does, through the cleanup that deletes the half-written temporary files; by default it
+    would end the process at once and leave them. The previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @click.command()
@@ -106,7 +142,7 @@ def rescue(
     The input is never modified; NEW and NEW.manifest.json appear whole or not at all.
     """
     _check_owners(ctx, op)
-    with domain_errors():
+    with domain_errors(), _terminated_like_interrupted():
         if op == "swap":
             result = _swap(checkpoint, out, layers, dry_run, manifest, options)
         else:

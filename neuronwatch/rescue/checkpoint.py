@@ -37,13 +37,16 @@ __all__ = [
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a checkpoint. ``dtype`` uses the names of :mod:`.dtypes`; ``tied`` marks a
-    tensor sharing its storage with another one (editing one would silently edit or untie the
-    other, so rescue leaves it alone)."""
+    tensor sharing its storage with another one, ``tied_to`` (editing one would silently edit or
+    untie the other, so rescue leaves it alone). ``stored`` is False for a name that is only an
+    alias of ``tied_to`` (safetensors' ``save_model`` keeps one copy of tied weights)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     tied: bool = False
+    tied_to: str | None = None
+    stored: bool = True
 
 
 @dataclass(frozen=True)

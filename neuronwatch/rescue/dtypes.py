@@ -25,6 +25,7 @@ __all__ = [
     "itemsize",
     "nbytes",
     "storage_dtype",
+    "stored_bytes",
 ]
 
 # How each element type is stored in memory: bfloat16 and the 8-bit floats as raw bits.
@@ -49,6 +50,20 @@ STORAGE: dict[str, np.dtype[Any]] = {
 # Element types an op may change: the float types numpy (or this module) can compute in.
 EDITABLE: frozenset[str] = frozenset({"F16", "BF16", "F32", "F64"})
 
+# Bits per element of the newer safetensors types that are never edited, only copied byte for
+# byte: their sizes still let a header be checked. A type named nowhere here is copied too,
+# its byte range checked only against its neighbours'.
+_OTHER_BITS: dict[str, int] = {
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "C64": 64,
+    "C128": 128,
+}
+
 
 def storage_dtype(dtype: str, where: str) -> np.dtype[Any]:
     try:
@@ -65,6 +80,16 @@ def itemsize(dtype: str, where: str) -> int:
 
 def nbytes(shape: tuple[int, ...], dtype: str, where: str) -> int:
     return math.prod(shape) * itemsize(dtype, where)
+
+
+def stored_bytes(shape: tuple[int, ...], dtype: str) -> int | None:
+    """Bytes a tensor of ``dtype`` takes (sub-byte types packed), ``None`` for a type this
+    module does not know or a packing that does not end on a byte."""
+    bits = STORAGE[dtype].itemsize * 8 if dtype in STORAGE else _OTHER_BITS.get(dtype)
+    if bits is None:
+        return None
+    total = math.prod(shape) * bits
+    return total // 8 if total % 8 == 0 else None
 
 
 def _bf16_to_f32(bits: NDArray[np.uint16]) -> NDArray[np.float32]:

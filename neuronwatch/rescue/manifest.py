@@ -121,6 +121,12 @@ class Manifest:
             out.append(f"  skipped {skip['layer']}{param}{count}: {skip['reason']}")
         for digest in self.outputs:
             out.append(f"  wrote {digest['path']} sha256 {digest['sha256'][:16]}...")
+        left = self.notes.get("not_copied")
+        if left:
+            out.append(
+                f"  not copied (weights rescue did not edit, they would not match): "
+                f"{', '.join(left)}"
+            )
         return out
 
 

@@ -3,7 +3,9 @@
 ``LeakyRelu`` exists in every opset. ``Gelu`` is an operator from opset 20 on; for older
 models it is written as its definition, ``x * 0.5 * (1 + Erf(x / sqrt(2)))`` (or the tanh
 approximation), from operators every opset since 9 has, so the opset of the model (and every
-other operator in it) stays as it was.
+other operator in it) stays as it was. Constants take the Relu's element type. ONNX Runtime has
+no float64 LeakyRelu kernel in most opsets and no float64 Erf or Gelu: float64 LeakyRelu is
+written as ``Max(x, alpha * x)`` (``Min`` for alpha > 1), float64 GELU only in its tanh form.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ConfigError
 from .formats.onnx import OnnxCheckpoint
 from .manifest import Manifest
+from .options import check_patterns
 from .outputs import Stage
 from .plan import Options, Plan
 from .run import execute
@@ -26,7 +27,11 @@ from .run import execute
 __all__ = ["GELU_OPSET", "onnx_opset", "swap_onnx", "swap_relu_nodes"]
 
 GELU_OPSET = 20
-_FLOAT_TYPES: dict[int, type[np.floating[Any]]] = {1: np.float32, 10: np.float16, 11: np.float64}
+LEAKY_BF16_OPSET = 16  # LeakyRelu accepts bfloat16 from this opset on
+# onnx.TensorProto element types a Relu may be swapped on, by name for messages.
+_FLOAT_TYPES: dict[int, str] = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+_FLOAT64 = 11
+_BFLOAT16 = 16
 
 
 def onnx_opset(model: Any) -> int:
@@ -43,6 +48,8 @@ def _element_types(onnx: Any, model: Any) -> dict[str, int]:
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.HasField("tensor_type"):
             types[value.name] = value.type.tensor_type.elem_type
+    for tensor in graph.initializer:
+        types[tensor.name] = tensor.data_type
     return types
 
 
@@ -52,14 +59,15 @@ def _matches(node: Any, patterns: list[str]) -> bool:
 
 
 def _gelu_nodes(
-    onnx: Any, node: Any, dtype: type[np.floating[Any]], approximate: str, tag: str
+    onnx: Any, node: Any, element: int, approximate: str, tag: str
 ) -> tuple[list[Any], list[Any]]:
-    """Nodes and constant initializers computing GELU of ``node``'s input into its output."""
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    """Nodes and constant initializers computing GELU of ``node``'s input into its output, in
+    the input's element type ``element`` (an onnx.TensorProto type)."""
+    helper = onnx.helper
     x, y = node.input[0], node.output[0]
 
     def const(name: str, value: float) -> Any:
-        return numpy_helper.from_array(np.array(value, dtype=dtype), f"{tag}/{name}")
+        return helper.make_tensor(f"{tag}/{name}", element, [], [value])
 
     if approximate == "tanh":
         consts = [
@@ -90,6 +98,80 @@ def _gelu_nodes(
     return nodes, consts
 
 
+def _leaky_nodes(
+    onnx: Any, node: Any, element: int, alpha: float, tag: str
+) -> tuple[list[Any], list[Any]]:
+    """LeakyRelu of ``node``'s input as ``Max(x, alpha * x)`` (``Min`` for alpha > 1): the
+    same values bit for bit, from operators ONNX Runtime runs in float64 (its LeakyRelu kernel
+    is float32-only in some opsets)."""
+    helper = onnx.helper
+    x, y = node.input[0], node.output[0]
+    const = helper.make_tensor(f"{tag}/alpha", element, [], [float(alpha)])
+    pick = "Max" if alpha <= 1.0 else "Min"
+    nodes = [
+        helper.make_node("Mul", [x, const.name], [f"{tag}/scaled"], name=f"{tag}/Mul"),
+        helper.make_node(pick, [x, f"{tag}/scaled"], [y], name=node.name or f"{tag}/{pick}"),
+    ]
+    return nodes, [const]
+
+
+def _element(types: dict[str, int], node: Any, label: str) -> int:
+    """The element type of the Relu's input (float32 when shape inference cannot tell)."""
+    element = types.get(node.input[0], 1)
+    if element not in _FLOAT_TYPES:
+        raise ConfigError(
+            f"Relu node {label!r} has a non-float input (ONNX element type {element}); "
+            "swap writes float32, float16, float64 and bfloat16 graphs only"
+        )
+    return element
+
+
+def _refuse_unrunnable(to: str, approximate: str, opset: int, element: int, label: str) -> None:
+    """Forms that are valid ONNX but that ONNX Runtime cannot run, or that the opset lacks."""
+    if to == "gelu" and element == _FLOAT64 and approximate == "none":
+        raise ConfigError(
+            f"Relu node {label!r} works on float64 values and ONNX Runtime has no float64 "
+            "Erf/Gelu kernel: use --approximate tanh (runs in float64) or --to leaky_relu"
+        )
+    if to == "leaky_relu" and element == _BFLOAT16 and opset < LEAKY_BF16_OPSET:
+        raise ConfigError(
+            f"Relu node {label!r} works on bfloat16 values, which LeakyRelu accepts from opset "
+            f"{LEAKY_BF16_OPSET} on; this model has opset {opset}: convert it to opset "
+            f"{LEAKY_BF16_OPSET}+ first, or use --to gelu"
+        )
+
+
+def _swapped(
+    onnx: Any,
+    node: Any,
+    index: int,
+    to: str,
+    alpha: float,
+    approximate: str,
+    opset: int,
+    element: int,
+) -> tuple[list[Any], list[Any], str]:
+    """What replaces one Relu node: nodes, constants, and the form written."""
+    helper = onnx.helper
+    if to == "leaky_relu" and element == _FLOAT64:
+        nodes, consts = _leaky_nodes(onnx, node, element, alpha, f"nw_leaky_{index}")
+        return nodes, consts, "Max/Min(x, alpha * x)"
+    if to == "leaky_relu":
+        made = helper.make_node(
+            "LeakyRelu", list(node.input), list(node.output), name=node.name, alpha=float(alpha)
+        )
+        return [made], [], "LeakyRelu"
+    # ONNX Runtime's Gelu has no float64 kernel: float64 (tanh form) gets the decomposition.
+    if opset >= GELU_OPSET and element != _FLOAT64:
+        extra = {"approximate": approximate} if approximate != "none" else {}
+        made = helper.make_node(
+            "Gelu", list(node.input), list(node.output), name=node.name, **extra
+        )
+        return [made], [], "Gelu"
+    nodes, consts = _gelu_nodes(onnx, node, element, approximate, f"nw_gelu_{index}")
+    return nodes, consts, "Erf/Tanh decomposition"
+
+
 def swap_relu_nodes(
     model: Any,
     to: str,
@@ -108,12 +190,13 @@ def swap_relu_nodes(
         raise ConfigError(f"--approximate must be none or tanh, got {approximate!r}")
     if to == "leaky_relu" and not alpha > 0:
         raise ConfigError(f"--alpha must be > 0, got {alpha}")
-    patterns = list(nodes) or ["*"]
+    patterns = list(check_patterns(nodes, "nodes")) or ["*"]
     opset = onnx_opset(model)
     graph = model.graph
-    types = _element_types(onnx, model) if to == "gelu" and opset < GELU_OPSET else {}
+    types = _element_types(onnx, model)
     new_nodes: list[Any] = []
     swapped: list[str] = []
+    forms: set[str] = set()
     for index, node in enumerate(graph.node):
         if (
             node.op_type != "Relu"
@@ -123,40 +206,18 @@ def swap_relu_nodes(
             new_nodes.append(node)
             continue
         label = node.name or node.output[0]
+        element = _element(types, node, label)
+        _refuse_unrunnable(to, approximate, opset, element, label)
+        made, consts, form = _swapped(onnx, node, index, to, alpha, approximate, opset, element)
+        new_nodes.extend(made)
+        graph.initializer.extend(consts)
         swapped.append(label)
-        if to == "leaky_relu":
-            new_nodes.append(
-                onnx.helper.make_node(
-                    "LeakyRelu",
-                    list(node.input),
-                    list(node.output),
-                    name=node.name,
-                    alpha=float(alpha),
-                )
-            )
-        elif opset >= GELU_OPSET:
-            extra = {"approximate": approximate} if approximate != "none" else {}
-            new_nodes.append(
-                onnx.helper.make_node(
-                    "Gelu", list(node.input), list(node.output), name=node.name, **extra
-                )
-            )
-        else:
-            dtype = _FLOAT_TYPES.get(types.get(node.input[0], 1))
-            if dtype is None:
-                raise ConfigError(f"Relu node {label!r} has a non-float input; cannot write GELU")
-            made, consts = _gelu_nodes(onnx, node, dtype, approximate, f"nw_gelu_{index}")
-            new_nodes.extend(made)
-            graph.initializer.extend(consts)
+        forms.add(form)
     if not swapped:
         raise ConfigError(f"no Relu node matches {' '.join(patterns)}; nothing to swap")
     del graph.node[:]
     graph.node.extend(new_nodes)
-    form = (
-        "LeakyRelu"
-        if to == "leaky_relu"
-        else ("Gelu" if opset >= GELU_OPSET else "Erf/Tanh decomposition")
-    )
+    form = " and ".join(sorted(forms))
     return {"swapped_nodes": swapped, "to": to, "written_as": form, "opset": opset}
 
 
@@ -173,6 +234,7 @@ def swap_onnx(
 ) -> Manifest:
     """Write ``model`` with its Relu nodes swapped (see :func:`swap_relu_nodes`) to ``out``
     with a manifest; ``dry_run`` returns the manifest without writing."""
+    nodes = check_patterns(nodes, "nodes")
     checkpoint = OnnxCheckpoint(Path(model))
     settings = {"to": to, "alpha": alpha, "approximate": approximate, "nodes": list(nodes)}
     plan = Plan("swap", Options(), [], [], {}, {})

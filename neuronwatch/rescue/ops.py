@@ -23,6 +23,7 @@ __all__ = [
     "lift_shifts",
     "normal_quantile",
     "redraw",
+    "spread",
     "strip",
     "zero_positions",
 ]
@@ -125,6 +126,7 @@ def redraw(
 
     ``match_norm`` rescales each redrawn slice to the mean L2 norm of the other neurons' slices
     (ReDo's option to keep revived neurons on the scale of the live ones); returns that norm.
+    A live slice with a NaN or an infinity has no norm to match: ValueError.
     """
     view = _slices(values, axis)
     shape = view.shape[1:]
@@ -134,6 +136,9 @@ def redraw(
         live[index] = False
         if live.any():
             norms = np.sqrt((view[live].reshape(int(live.sum()), -1) ** 2).sum(axis=1))
+            broken = np.flatnonzero(live)[~np.isfinite(norms)]
+            if broken.size:
+                raise ValueError(f"live neurons {broken[:5].tolist()} hold non-finite weights")
             norm = float(norms.mean())
     for neuron in index.tolist():
         drawn = rng.uniform(-bound, bound, size=shape)
@@ -171,6 +176,36 @@ def normal_quantile(p: float) -> float:
     return NormalDist().inv_cdf(p)
 
 
+# Relative precision of the float32 sums an audit takes per batch. Below this many times it
+# (times mean squared) the variance ``sq_sum/n - mean^2`` is rounding noise, not spread.
+_VARIANCE_RESOLUTION = 16 * float(np.finfo(np.float32).eps)
+
+
+def spread(
+    rows: NDArray[np.int64],
+    total: NDArray[np.float64],
+    sq_total: NDArray[np.float64],
+    maximum: NDArray[np.float64],
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Per neuron: the mean, the standard deviation, and whether the deviation had to be read
+    off the maximum.
+
+    ``sq_sum/n - mean^2`` cancels when the values sit far from zero with a small spread (mean
+    -60, deviation 0.01: the variance is below float32's resolution of ``mean^2``). There the
+    deviation is estimated from how far the recorded maximum lies above the mean: for ``n``
+    normal values that is about ``Phi^-1(1 - 1/(n + 1))`` deviations.
+    """
+    n = np.maximum(rows, 1).astype(np.float64)
+    mean = total / n
+    variance = np.maximum(sq_total / n - mean**2, 0.0)
+    unresolved = variance < _VARIANCE_RESOLUTION * mean**2
+    std = np.sqrt(variance)
+    if unresolved.any():
+        peak = np.array([normal_quantile(1.0 - 1.0 / (k + 1.0)) for k in n[unresolved]])
+        std[unresolved] = np.maximum(maximum[unresolved] - mean[unresolved], 0.0) / peak
+    return mean, std, unresolved
+
+
 def lift_shifts(
     rows: NDArray[np.int64],
     total: NDArray[np.float64],
@@ -179,18 +214,16 @@ def lift_shifts(
     threshold: float,
     top: float,
 ) -> NDArray[np.float64]:
-    """Per neuron, how much to add to its bias so it fires (``> threshold``) on about the top
-    ``top`` share of the audit rows.
+    """Per neuron, how much to add to its bias so its pre-activation exceeds ``threshold`` on
+    about the top ``top`` share of the audit rows.
 
-    The pre-activation's mean and standard deviation (from ``sum`` and ``sq_sum``) give a
-    normal estimate of its ``1 - top`` quantile; the recorded ``max`` caps it, so the shift
-    always makes the neuron fire at least on the row where its pre-activation peaked, whatever
-    the distribution's shape. A margin keeps float rounding from landing exactly on the
-    threshold.
+    The pre-activation's mean and standard deviation (from ``sum`` and ``sq_sum``, see
+    :func:`spread`) give a normal estimate of its ``1 - top`` quantile; the recorded ``max``
+    caps it, so the shift always makes the neuron fire at least on the row where its
+    pre-activation peaked, whatever the distribution's shape. A margin keeps float rounding
+    from landing exactly on the threshold.
     """
-    n = np.maximum(rows, 1).astype(np.float64)
-    mean = total / n
-    std = np.sqrt(np.maximum(sq_total / n - mean**2, 0.0))
+    mean, std, _ = spread(rows, total, sq_total, maximum)
     estimate = np.minimum(mean + std * normal_quantile(1.0 - top), maximum)
     margin = 1e-3 * std + 1e-5 * (1.0 + np.abs(estimate))
     shift: NDArray[np.float64] = threshold - estimate + margin

@@ -11,7 +11,10 @@ Which neurons each op acts on (``state``; every op defaults to ``dead``):
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +24,17 @@ from numpy.typing import NDArray
 from ..errors import ConfigError
 from ..wiring import ParamRef, Wiring
 
-__all__ = ["OPS", "STATES", "LayerPlan", "Options", "Skip", "needed", "refs", "role"]
+__all__ = [
+    "OPS",
+    "STATES",
+    "LayerPlan",
+    "Options",
+    "Skip",
+    "check_patterns",
+    "needed",
+    "refs",
+    "role",
+]
 
 Op = Literal["strip", "reinit", "prune", "lift"]
 OPS: tuple[str, ...] = ("strip", "reinit", "prune", "lift")
@@ -52,6 +65,17 @@ class Options:
             raise ConfigError(
                 f"{op} acts on {', '.join(STATES[op])} neurons, not {self.state!r} (--state)"
             )
+        for flag, value in (
+            ("--fraction", self.fraction),
+            ("--top", self.top),
+            ("--constant-tol", self.constant_tol),
+        ):
+            # Checked before anything is read: a NaN passes every range test below, and an
+            # infinity would only fail when the manifest is written.
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{flag} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not 0.0 < self.top < 1.0:
@@ -60,6 +84,9 @@ class Options:
             raise ConfigError(f"--constant-tol must be >= 0, got {self.constant_tol}")
         if self.init not in ("torch", "kaiming"):
             raise ConfigError(f"--init must be 'torch' or 'kaiming', got {self.init!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's generators take non-negative integer seeds only.
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
 
     def for_op(self, op: str) -> dict[str, Any]:
         """The settings ``op`` uses, for the manifest."""
@@ -130,6 +157,20 @@ def role(ref: ParamRef) -> Literal["weight", "bias", "scale"]:
 
 
 # -- selection and checks ---------------------------------------------------------------------
+
+
+def check_patterns(patterns: Iterable[str], argument: str = "layers") -> tuple[str, ...]:
+    """``patterns`` as a tuple of globs. A bare string is refused: iterated, ``"act1*"``
+    would be the globs ``a``, ``c``, ``t``, ``1``, ``*``, and ``*`` matches every layer."""
+    if isinstance(patterns, str):
+        raise ConfigError(
+            f"{argument} must be a list of names or globs, not a string: {argument}=[{patterns!r}]"
+        )
+    found = tuple(patterns)
+    wrong = [p for p in found if not isinstance(p, str)]
+    if wrong:
+        raise ConfigError(f"{argument} must hold strings (names or globs), got {wrong[0]!r}")
+    return found
 
 
 def refs(wiring: Wiring) -> tuple[ParamRef, ...]:

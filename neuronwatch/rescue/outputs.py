@@ -4,6 +4,10 @@ A rescue run writes one to three outputs (a checkpoint file or directory, an ONN
 external data, the manifest). Each is written under a temporary name next to its target; once
 all of them are complete they are renamed into place, the manifest last, and a failure halfway
 puts back whatever was there before. On any error every temporary file is removed.
+
+Only our own temporary files and folders are ever deleted recursively. A user's path is replaced
+only when it is a file (or a symlink) or an empty folder; a folder with anything in it is refused
+before a byte is written, since replacing it would delete what the user keeps there.
 """
 
 from __future__ import annotations
@@ -15,14 +19,44 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import ConfigError
+
 __all__ = ["Stage", "staged"]
 
 
-def _remove(path: Path) -> None:
+def _remove_ours(path: Path) -> None:
+    """Delete a temporary file or folder this module created (never a user's path)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _drop_backup(path: Path) -> None:
+    """Delete a replaced target: a file, a symlink, or an empty folder (never recursively)."""
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _refuse_folder(target: Path, folder: bool) -> None:
+    """A file output never replaces a folder; a folder output only an empty one."""
+    if not target.is_dir() or target.is_symlink():
+        return
+    if not folder or any(target.iterdir()):
+        raise ConfigError(
+            f"{target} is an existing folder; refusing to replace it (that would delete what "
+            "it holds): choose a new path"
+        )
+
+
+def _backup_name(target: Path) -> Path:
+    for n in range(1000):
+        candidate = target.with_name(f".{target.name}.{os.getpid()}.{n}.old")
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise ConfigError(f"cannot find a free backup name beside {target}")
 
 
 class Stage:
@@ -32,6 +66,7 @@ class Stage:
         self._pending: list[tuple[Path, Path]] = []
 
     def file(self, target: Path) -> Path:
+        _refuse_folder(target, folder=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -39,6 +74,7 @@ class Stage:
         return Path(name)
 
     def directory(self, target: Path) -> Path:
+        _refuse_folder(target, folder=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         name = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         self._pending.append((Path(name), target))
@@ -48,35 +84,35 @@ class Stage:
         done: list[tuple[Path, Path | None, list[bool]]] = []  # target, its old version, renamed
         try:
             for temp, target in self._pending:
+                # Checked again: the folder may have appeared since the temporary was made.
+                _refuse_folder(target, folder=temp.is_dir())
                 backup: Path | None = None
                 if target.exists() or target.is_symlink():
-                    backup = target.with_name(f".{target.name}.{os.getpid()}.old")
-                    _remove(backup)
+                    backup = _backup_name(target)
                     os.replace(target, backup)
                 renamed = [False]
                 done.append((target, backup, renamed))
-                if temp.is_file():
-                    # mkstemp's private 0600 would hide the output from other users.
-                    umask = os.umask(0o022)
-                    os.umask(umask)
-                    os.chmod(temp, 0o666 & ~umask)
+                # mkstemp's private 0600 (mkdtemp's 0700) would hide the output from others.
+                umask = os.umask(0o022)
+                os.umask(umask)
+                os.chmod(temp, (0o777 if temp.is_dir() else 0o666) & ~umask)
                 os.replace(temp, target)
                 renamed[0] = True
         except BaseException:
             for target, backup, renamed in reversed(done):
                 if renamed[0]:
-                    _remove(target)
+                    _remove_ours(target)  # our own output, renamed a moment ago
                 if backup is not None:
                     os.replace(backup, target)
             raise
         for _, backup, _ in done:
             if backup is not None:
-                _remove(backup)
+                _drop_backup(backup)
         self._pending.clear()
 
     def discard(self) -> None:
         for temp, _ in self._pending:
-            _remove(temp)
+            _remove_ours(temp)
         self._pending.clear()
 
 

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from ..errors import ConfigError
 from ..report import Report
+from ..wiring import Wiring
 from .checkpoint import CheckpointError, TensorInfo
 from .dtypes import EDITABLE
 from .layer_edits import LayerEdits
@@ -155,8 +156,32 @@ def _not_editable(report: Report, tensors: Mapping[str, TensorInfo]) -> dict[str
             reasons.setdefault(name, f"wired with different shapes {sorted(seen)}")
     for name, info in tensors.items():
         if info.tied:
-            reasons.setdefault(name, "shares its storage with another tensor (tied weights)")
+            other = f"tied to {info.tied_to!r}" if info.tied_to else "tied to another tensor"
+            reasons.setdefault(name, f"{other} (tied weights share one storage)")
     return reasons
+
+
+# What editing only the consumer side would do, per op, when no producer is wired.
+_WITHOUT_PRODUCER = {
+    "prune": "removing them from the consumer alone would leave a checkpoint that cannot load",
+    "reinit": "there are no incoming weights to redraw, so nothing would be revived",
+    "strip": "there are no incoming weights to strip",
+    "lift": "there is no bias to lift",
+}
+
+
+def _no_producer(op: str, wiring: Wiring) -> str | None:
+    """Why the layer has no single producer to edit, or None. A ReLU after a residual add
+    (ResNet's block-final ReLU) reads the sum of two branches: its wiring lists the consumer
+    but no producer, or only a norm after the add, and no weight to edit."""
+    if wiring.produces and (
+        op in ("strip", "lift") or any(role(ref) == "weight" for ref in wiring.produces)
+    ):
+        return None
+    return (
+        "no single producer: the neurons are not the output of one Linear/conv (a residual "
+        f"add, a concatenation); {_WITHOUT_PRODUCER[op]}"
+    )
 
 
 def _left_out(report: Report) -> dict[str, list[str]]:
@@ -210,6 +235,10 @@ def make_plan(
             continue
         neurons = stats.indices(options.state).astype(np.intp)
         if neurons.size == 0:
+            continue
+        lonely = _no_producer(op, wiring)
+        if lonely is not None:
+            builder.skipped.append(Skip(name, lonely))
             continue
         required = needed(op, wiring)
         if not required:

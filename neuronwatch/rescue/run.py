@@ -9,34 +9,16 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..report import Report
-from .checkpoint import Checkpoint, WriteResult
+from .checkpoint import Checkpoint, CheckpointError, WriteResult
 from .formats import open_checkpoint
 from .formats.onnx import OnnxCheckpoint
 from .manifest import Manifest, build_manifest, manifest_path
+from .options import check_patterns
 from .outputs import Stage, staged
+from .paths import Output, check_outputs, report_files
 from .plan import Options, Plan, make_plan
 
-__all__ = ["check_outputs", "execute", "report_summary", "rescue"]
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_outputs(checkpoint: Checkpoint, targets: Iterable[Path]) -> None:
-    """Refuse outputs that would overwrite (or sit inside) any input file or folder."""
-    inputs = [p.resolve() for p in checkpoint.input_files()]
-    for target in targets:
-        resolved = target.resolve()
-        for source in inputs:
-            if resolved == source or _same(resolved, source) or source in resolved.parents:
-                raise ConfigError(
-                    f"--out {target} would overwrite the input {source}; the input is never "
-                    "modified: choose a new path"
-                )
+__all__ = ["execute", "report_summary", "rescue"]
 
 
 def report_summary(report: Report, where: str | Path | None) -> dict[str, Any]:
@@ -54,11 +36,24 @@ def _onnx_meta(report: Report) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _targets(checkpoint: Checkpoint, out: Path) -> list[Path]:
-    targets = [out]
-    if checkpoint.format == "onnx":
-        targets.append(out.with_name(f"{out.name}.data"))
-    return targets
+def _outputs(checkpoint: Checkpoint, out: Path, record: Path, named: bool) -> list[Output]:
+    """Every path the run writes, named as the user gave it."""
+    folder = checkpoint.format == "sharded"
+    fix = "name the new checkpoint " + ("folder" if folder else "file")
+    outputs = [Output("--out", out, folder=folder, fix=fix)]
+    if isinstance(checkpoint, OnnxCheckpoint) and checkpoint.has_external_data:
+        data = out.with_name(f"{out.name}.data")
+        outputs.append(Output("--out's external data file", data, fix="choose another --out"))
+    example = record / manifest_path(out).name
+    option = "--manifest" if named else "the manifest (--out + .manifest.json)"
+    fix = f"name a file, e.g. --manifest {example}"
+    outputs.append(Output(option, record, fix=fix))
+    return outputs
+
+
+def _inputs(checkpoint: Checkpoint, report_path: Path | None) -> list[tuple[str, Path]]:
+    sources = [("the input", path) for path in checkpoint.input_files()]
+    return sources + [("the report's", path) for path in report_files(report_path)]
 
 
 def rescue(
@@ -82,12 +77,14 @@ def rescue(
 
     >>> rescue("prune", "model.safetensors", "runs/audit", "pruned.safetensors")  # doctest: +SKIP
     """
-    report_path = None if isinstance(report, Report) else Path(report)
-    loaded = report if isinstance(report, Report) else Report.load(report)
+    patterns = check_patterns(layers)
     try:
         settings = Options(**options)
     except TypeError as exc:
         raise ConfigError(f"unknown rescue option: {exc}") from None
+    settings.check(op)  # before any file is opened: a bad option costs no read
+    report_path = None if isinstance(report, Report) else Path(report)
+    loaded = report if isinstance(report, Report) else Report.load(report)
     source = Path(checkpoint)
     opened = open_checkpoint(source, state_key=state_key)
     renamed = _onnx_meta(loaded).get("initializers")
@@ -98,7 +95,7 @@ def rescue(
         loaded,
         opened.tensors(),
         opened.read,
-        layers=layers,
+        layers=patterns,
         options=settings,
         where=str(source),
     )
@@ -139,22 +136,32 @@ def execute(
         raise ConfigError("--out is required unless --dry-run is given")
     target = Path(out)
     record = Path(manifest) if manifest is not None else manifest_path(target)
-    check_outputs(checkpoint, [*_targets(checkpoint, target), record])
-    folder = checkpoint.format == "sharded"
-    if target.is_dir() and not folder:
-        raise ConfigError(f"--out {target} is a folder; name the new checkpoint file")
-    if folder and target.exists() and (not target.is_dir() or any(target.iterdir())):
-        # Replacing a folder would delete whatever else the user keeps in it.
-        raise ConfigError(f"--out {target} exists; a sharded checkpoint needs a new folder")
-    with staged() as stage:
-        result = (write or _write(checkpoint))(target, plan, stage)
-        written = describe(result)
-        with stage.file(record).open("w", encoding="utf-8") as handle:
-            written.write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        stage.commit()
+    outputs = _outputs(checkpoint, target, record, named=manifest is not None)
+    check_outputs(outputs, _inputs(checkpoint, report_path))
+    try:
+        with staged() as stage:
+            result = (write or _write(checkpoint))(target, plan, stage)
+            written = describe(result)
+            with stage.file(record).open("w", encoding="utf-8") as handle:
+                written.write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            stage.commit()
+    except OSError as exc:
+        # A read-only folder, a full disk: one line naming where, nothing left behind.
+        raise CheckpointError(
+            f"{target} was not written: {exc.strerror or exc} ({_where(exc, target)}); "
+            "nothing was left behind: check that the folder is writable and has space"
+        ) from None
     return written
+
+
+def _where(exc: OSError, target: Path) -> str:
+    """The path an OSError names, with our temporary files shown as their folder."""
+    if not exc.filename:
+        return str(target.parent)
+    path = Path(str(exc.filename))
+    return str(path.parent) if path.name.endswith(".tmp") else str(path)
 
 
 def _write(checkpoint: Checkpoint) -> Any:

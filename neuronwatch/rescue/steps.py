@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import ops
+from .checkpoint import CheckpointError
 from .dtypes import decode, encode
 from .ops import Floats
 
@@ -91,7 +92,13 @@ class Redraw(_Base):
         # written in, so a sharded checkpoint gets the same draws as a single file.
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode("utf-8"))])
         bound = ops.init_bound(values.shape, self.axis, self.init)
-        norm = ops.redraw(values, self.axis, self.index, bound, rng, self.match_norm)
+        try:
+            norm = ops.redraw(values, self.axis, self.index, bound, rng, self.match_norm)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"tensor {name!r} (layer {self.layer!r}): {exc}, so --match-norm has no norm to "
+                "match; fix those weights or drop --match-norm"
+            ) from None
         record = self._record(
             "redraw", init=self.init, bound=bound, seed=self.seed, matched_norm=norm
         )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import ConfigError, MissingExtraError
+from .options import check_patterns
 
 __all__ = ["ACTIVATIONS", "swap_activations"]
 
@@ -60,7 +61,7 @@ def swap_activations(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"swap_activations takes a torch.nn.Module, got {type(model).__name__}")
     kind, make = _factory(nn, to, negative_slope, approximate)
-    patterns = list(layers)
+    patterns = list(check_patterns(layers))
     relu_functions = {torch.relu, nn.functional.relu}
     transformer_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     # Transformer layers pick their fused inference kernel from this flag (1 relu, 2 gelu);

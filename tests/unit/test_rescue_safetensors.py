@@ -135,9 +135,9 @@ CORRUPT = {
         ),
         "does not fit",
     ),
-    "unknown dtype": (
-        lambda p: _raw(p, {"a": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, bytes(1)),
-        "unknown element type",
+    "newer dtype of the wrong size": (
+        lambda p: _raw(p, {"a": {"dtype": "C64", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "the header lies",
     ),
     "duplicate tensor": (
         lambda p: p.write_bytes(struct.pack("<Q", len(_TWICE)) + _TWICE + bytes(1)),
@@ -184,3 +184,37 @@ def test_wrong_dtype_in_the_wiring_is_refused(tmp_path: Path) -> None:
         prune(tmp_path / "m.safetensors", tmp_path / "r", tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("dtype", ["F8_E8M0", "C64", "Q7"])
+def test_untouched_tensors_of_newer_types_are_copied_byte_for_byte(
+    tmp_path: Path, dtype: str
+) -> None:
+    weights = mlp_weights(SIZES)
+    save_safetensors(tmp_path / "plain.safetensors", weights)
+    raw = (tmp_path / "plain.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    data = raw[8 + length :]
+    extra = bytes(range(24))  # 3 C64 values; 24 F8_E8M0 scales; a type nobody knows yet
+    shape = {"F8_E8M0": [24], "C64": [3], "Q7": [7]}[dtype]
+    header["extra.scales"] = {
+        "dtype": dtype,
+        "shape": shape,
+        "data_offsets": [len(data), len(data) + len(extra)],
+    }
+    _raw(tmp_path / "m.safetensors", header, data + extra)
+    mlp_report(SIZES, {1: [0, 5]}).save(tmp_path / "r")
+    manifest = prune(tmp_path / "m.safetensors", tmp_path / "r", tmp_path / "o.safetensors")
+    assert manifest.widths == {"act1": 14}
+    out = (tmp_path / "o.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", out[:8])
+    written = json.loads(out[8 : 8 + length])
+    begin, end = written["extra.scales"]["data_offsets"]
+    assert written["extra.scales"]["dtype"] == dtype
+    assert out[8 + length + begin : 8 + length + end] == extra
+    # A tensor of such a type that an op would have to edit is refused, naming it.
+    header["fc1.bias"]["dtype"] = "Q7"  # 16 values in 64 bytes: the size of a type unknown
+    _raw(tmp_path / "bad.safetensors", header, data + extra)
+    with pytest.raises(CheckpointError, match=r"'fc1\.bias'.*Q7"):
+        prune(tmp_path / "bad.safetensors", tmp_path / "r", tmp_path / "b.safetensors")

@@ -113,6 +113,13 @@ class OnnxCheckpoint:
             raise CheckpointError(
                 f"{path} is not a readable ONNX model (truncated or another format): {exc}"
             ) from None
+        if not self.model.HasField("graph") or not self.model.opset_import:
+            # Protobuf parses an empty file (and many short ones) as an empty message.
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path} is not an ONNX model: it holds no graph ({size} bytes; empty, "
+                "truncated or another format)"
+            )
         self.folder = path.resolve().parent
         # Protobuf hands out a new wrapper object on every access, so tensors are known by
         # their position in the traversal of all_tensors(), never by id().
@@ -127,7 +134,10 @@ class OnnxCheckpoint:
     def _locate(self, tensor: Any, info: Mapping[str, str]) -> tuple[Path, int, int]:
         where = f"{self.path}: external data of {tensor.name!r}"
         location = info.get("location", "")
-        resolved = (self.folder / location).resolve()  # an absolute location replaces folder
+        try:
+            resolved = (self.folder / location).resolve()  # an absolute location replaces folder
+        except (ValueError, OSError) as exc:  # a NUL byte, a symlink loop
+            raise CheckpointError(f"{where}: unusable location {location!r} ({exc})") from None
         if not location or self.folder not in resolved.parents:
             raise CheckpointError(
                 f"{where} points outside the model's folder ({location!r} -> {resolved}); "
@@ -152,6 +162,11 @@ class OnnxCheckpoint:
                 f"{where}: {length} bytes for a {dtype} tensor of shape {tuple(tensor.dims)}"
             )
         return resolved, offset, length
+
+    @property
+    def has_external_data(self) -> bool:
+        """Whether a write produces ``<out>.data`` (some tensor is stored outside the file)."""
+        return any(source is not None for source in self._sources)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -258,8 +273,7 @@ class OnnxCheckpoint:
         # The copy's tensors pair with the original's in traversal order.
         originals = list(all_tensors(self.model))
         data_name = f"{out.name}.data"
-        external = any(s is not None for s in self._sources)
-        data_path = stage.file(out.with_name(data_name)) if external else None
+        data_path = stage.file(out.with_name(data_name)) if self.has_external_data else None
         digests_in = {str(self.path): sha256_file(self.path)}
         top_level = len(model.graph.initializer)
         data_handle = data_path.open("wb") if data_path is not None else None

@@ -26,7 +26,7 @@ from ..checkpoint import (
     WriteResult,
     sha256_file,
 )
-from ..dtypes import nbytes
+from ..dtypes import nbytes, stored_bytes
 from ..outputs import Stage
 from .safetensors import SafetensorsCheckpoint
 
@@ -79,6 +79,12 @@ class ShardedCheckpoint:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+        metadata = data.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CheckpointError(
+                f'{index}: "metadata" must be an object (it holds total_size), got '
+                f"{type(metadata).__name__}; fix or delete that entry"
+            )
         self.index = data
         self.weight_map: dict[str, str] = weight_map
         self.shards: dict[str, _Shard] = {}
@@ -91,6 +97,9 @@ class ShardedCheckpoint:
         self._infos: dict[str, TensorInfo] = {}
         for shard, checkpoint in self.shards.items():
             for name, info in checkpoint.tensors().items():
+                if not info.stored and name not in weight_map:
+                    self._infos[name] = info  # a tied name the shard keeps one copy for
+                    continue
                 if weight_map.get(name) != shard:
                     raise CheckpointError(
                         f"{index} and its shards disagree: {shard} holds {name!r}, the index "
@@ -118,29 +127,63 @@ class ShardedCheckpoint:
             digest_in, digest_out, _ = checkpoint.write_to(folder / shard, editor, out / shard)
             inputs.append(digest_in)
             outputs.append(digest_out)
-        total = sum(
-            nbytes(editor.new_shape(n, i.shape) if editor.touches(n) else i.shape, i.dtype, n)
-            for n, i in self._infos.items()
-        )
         index = dict(self.index)
-        index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        index["metadata"] = {**(index.get("metadata") or {}), "total_size": self._total(editor)}
         target = folder / self.index_path.name
         target.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written = sha256_file(target)
         outputs.append(FileDigest(str(out / self.index_path.name), written.sha256, written.bytes))
-        copied = []
-        for side in sorted(self.path.iterdir()):
-            if (
-                side.is_file()
-                and side != self.index_path
-                and side.name not in self.shards
-                and not side.name.endswith(_WEIGHT_SUFFIXES)
-                and not side.name.startswith(".")
-            ):
-                shutil.copy2(side, folder / side.name)
-                copied.append(side.name)
-        for item in folder.iterdir():
-            if item.is_file():
+        notes = self._copy_side_files(folder)
+        for item in folder.rglob("*"):
+            if item.is_file() and not item.is_symlink():
                 with item.open("rb") as handle:
                     os.fsync(handle.fileno())
-        return WriteResult(outputs=outputs, inputs=inputs, notes={"copied": copied})
+        return WriteResult(outputs=outputs, inputs=inputs, notes=notes)
+
+    def _total(self, editor: TensorEditor) -> int:
+        """The index's ``total_size`` after the edit: the bytes of every tensor written, or,
+        when a type this module does not know leaves that open, the stated total changed by
+        what the edit removed."""
+        stored = {n: i for n, i in self._infos.items() if i.stored}
+        sizes = [stored_bytes(i.shape, i.dtype) for i in stored.values()]
+        change = sum(
+            nbytes(editor.new_shape(n, i.shape), i.dtype, n) - nbytes(i.shape, i.dtype, n)
+            for n, i in stored.items()
+            if editor.touches(n)
+        )
+        stated = (self.index.get("metadata") or {}).get("total_size")
+        if None in sizes and isinstance(stated, int) and not isinstance(stated, bool):
+            return stated + change
+        return sum(size or 0 for size in sizes) + change
+
+    def _copy_side_files(self, folder: Path) -> dict[str, list[str]]:
+        """Copy what sits beside the shards (config, tokenizer files and folders) into
+        ``folder``. Other weights (another format, a subfolder holding checkpoints) are not
+        copied: they were not edited and would no longer match; the notes name them."""
+        copied: list[str] = []
+        skipped: list[str] = []
+        for side in sorted(self.path.iterdir()):
+            if side == self.index_path or side.name in self.shards or side.name.startswith("."):
+                continue
+            if side.is_dir():
+                if any(_is_weights(p) for p in side.rglob("*")):
+                    skipped.append(f"{side.name}/")
+                    continue
+                shutil.copytree(side, folder / side.name)
+                copied.append(f"{side.name}/")
+            elif side.is_file():
+                if _is_weights(side):
+                    skipped.append(side.name)
+                    continue
+                shutil.copy2(side, folder / side.name)
+                copied.append(side.name)
+        notes = {"copied": copied}
+        if skipped:
+            notes["not_copied"] = skipped
+        return notes
+
+
+def _is_weights(path: Path) -> bool:
+    # Another index (pytorch_model.bin.index.json beside the safetensors one) names weights
+    # that are not copied either.
+    return path.name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))

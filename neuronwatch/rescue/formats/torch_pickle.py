@@ -15,7 +15,7 @@ import copy
 import os
 import pickle
 import re
-import zipfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,12 @@ from ..checkpoint import (
 )
 from ..dtypes import decode
 from ..outputs import Stage
+from .optimizer import OptimizerMap, is_optimizer, map_optimizer
 
 __all__ = ["TorchCheckpoint"]
 
 # Where training scripts usually put the model's weights, most likely first.
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
-# Buffers torch modules save next to their parameters (never in an optimizer).
-_BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
 def _torch() -> Any:
@@ -70,29 +69,54 @@ def _dtype_name(torch: Any, dtype: Any) -> str:
 def _load(torch: Any, path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint")
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about pickle protocols before refusing them; the refusal becomes one
+        # line below, and the warning would only add a second, less useful one.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights_only" in text or "Weights only" in text:
-            wanted = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[: ]+([\w.]+)", text)
-            what = f" ({wanted.group(1)})" if wanted else ""
-            raise CheckpointError(
-                f"{path} needs code to load{what}: rescue loads PyTorch files with "
-                "weights_only=True and never runs their code; save plain tensors instead "
-                "(torch.save(model.state_dict(), PATH))"
-            ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {text}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(_unpickling_message(path, str(exc))) from None
+    except Exception as exc:  # garbage makes the unpickler raise anything (KeyError, IndexError)
         raise CheckpointError(
-            f"{path} is truncated or not a PyTorch checkpoint: {str(exc).splitlines()[0]}"
+            f"{path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: "
+            f"{_first_line(str(exc))})"
         ) from None
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "no message"
+
+
+def _unpickling_message(path: Path, text: str) -> str:
+    """Why torch's weights-only unpickler refused ``path``, and what to do about it."""
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        # FRAME (149) and friends: pickle protocol 4+, which the weights-only unpickler
+        # cannot read, although the file may hold nothing but tensors.
+        return (
+            f"{path} was saved with a pickle protocol torch's safe loader cannot read (pickle "
+            f"opcode {opcode.group(1)}, e.g. torch.save(..., pickle_protocol=4)); save it "
+            "again with the default protocol: torch.save(obj, PATH)"
+        )
+    if "weights_only" in text or "Weights only" in text:
+        wanted = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[: ]+([\w.]+)", text)
+        what = f" ({wanted.group(1)})" if wanted else ""
+        return (
+            f"{path} needs code to load{what}: rescue loads PyTorch files with "
+            "weights_only=True and never runs their code; save plain tensors instead "
+            "(torch.save(model.state_dict(), PATH))"
+        )
+    return f"{path} is not a PyTorch checkpoint: {_first_line(text)}"
 
 
 def _is_state_dict(torch: Any, value: Any) -> bool:
@@ -106,24 +130,30 @@ def _is_state_dict(torch: Any, value: Any) -> bool:
     )
 
 
-def _is_optimizer(value: Any) -> bool:
-    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+def _items(value: Any) -> list[tuple[Any, Any]]:
+    """The entries of a container a training checkpoint nests things in: a mapping, or a list
+    (Lightning keeps its optimizers' states in the list ``optimizer_states``)."""
+    if isinstance(value, Mapping):
+        return list(value.items())
+    if isinstance(value, list | tuple):
+        return list(enumerate(value))
+    return []
 
 
 def _find(
     torch: Any, obj: Any, state_key: str | None
-) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
-    """Key paths of the state_dict and of the optimizer state inside ``obj``."""
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """Key paths of the state_dict and of every optimizer state inside ``obj``."""
     if _is_state_dict(torch, obj):
-        return (), None
+        return (), []
     states: list[tuple[Any, ...]] = []
     optimizers: list[tuple[Any, ...]] = []
 
     def walk(value: Any, path: tuple[Any, ...], depth: int) -> None:
-        if not isinstance(value, Mapping) or depth > 3:
+        if depth > 3:
             return
-        for key, item in value.items():
-            if _is_optimizer(item):
+        for key, item in _items(value):
+            if is_optimizer(item):
                 optimizers.append((*path, key))
             elif _is_state_dict(torch, item):
                 states.append((*path, key))
@@ -132,9 +162,9 @@ def _find(
 
     walk(obj, (), 0)
     if state_key is not None:
-        chosen = [p for p in states if ".".join(map(str, p)) == state_key]
+        chosen = [p for p in states if _dotted(p) == state_key]
         if not chosen:
-            found = ", ".join(".".join(map(str, p)) for p in states) or "none"
+            found = ", ".join(_dotted(p) for p in states) or "none"
             raise CheckpointError(f"no state_dict at key {state_key!r}; state_dicts: {found}")
     else:
         rank = {key: i for i, key in enumerate(STATE_KEYS)}
@@ -143,7 +173,11 @@ def _find(
         raise CheckpointError(
             "holds no state_dict (a mapping of names to tensors) within three levels"
         )
-    return chosen[0], (optimizers[0] if optimizers else None)
+    return chosen[0], optimizers
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(map(str, path))
 
 
 def _get(obj: Any, path: tuple[Any, ...]) -> Any:
@@ -157,8 +191,11 @@ def _replaced(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
     the path, so the loaded object is never changed)."""
     if not path:
         return value
+    inner = _replaced(obj[path[0]], path[1:], value)
+    if isinstance(obj, tuple):
+        return (*obj[: path[0]], inner, *obj[path[0] + 1 :])
     head = copy.copy(obj)
-    head[path[0]] = _replaced(obj[path[0]], path[1:], value)
+    head[path[0]] = inner
     return head
 
 
@@ -180,7 +217,9 @@ class TorchCheckpoint:
     """A ``torch.save`` file holding a state_dict, possibly nested in a training checkpoint.
 
     ``state_key`` picks the state_dict by its dotted key path when there are several (a model
-    and its EMA copy); by default the one under the most usual key is used.
+    and its EMA copy); by default the one under the most usual key is used. Every optimizer
+    state found beside it (several, in a list, as Lightning saves them) is matched to the
+    state_dict's parameters when the file is opened; one that cannot be matched is refused.
     """
 
     format = "torch"
@@ -190,103 +229,75 @@ class TorchCheckpoint:
         self._torch = _torch()
         self._obj = _load(self._torch, path)
         try:
-            self._state_path, self._optim_path = _find(self._torch, self._obj, state_key)
+            self._state_path, optimizers = _find(self._torch, self._obj, state_key)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         self._state: dict[str, Any] = _get(self._obj, self._state_path)
+        self._infos = self._table()
+        self._optimizers = [
+            (
+                where,
+                map_optimizer(
+                    self._torch,
+                    _get(self._obj, where),
+                    self._state,
+                    self._infos,
+                    f"{path}: the optimizer state at {_dotted(where)!r}",
+                ),
+            )
+            for where in optimizers
+        ]
 
-    def tensors(self) -> Mapping[str, TensorInfo]:
-        seen: dict[tuple[int, int], str] = {}
-        tied: set[str] = set()
+    def _table(self) -> dict[str, TensorInfo]:
+        first: dict[tuple[int, int], str] = {}
+        tied_to: dict[str, str] = {}
         tensors = {k: v for k, v in self._state.items() if isinstance(v, self._torch.Tensor)}
         for name, tensor in tensors.items():
             if tensor.numel() == 0:
                 continue
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            if key in seen:
-                tied.update({name, seen[key]})
-            seen.setdefault(key, name)
+            if key in first:
+                tied_to[name] = first[key]
+                tied_to.setdefault(first[key], name)
+            first.setdefault(key, name)
         return {
             name: TensorInfo(
                 name,
                 tuple(tensor.shape),
                 _dtype_name(self._torch, tensor.dtype),
-                name in tied,
+                name in tied_to,
+                tied_to.get(name),
             )
             for name, tensor in tensors.items()
         }
+
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._infos
 
     def input_files(self) -> list[Path]:
         return [self.path]
 
     def read(self, name: str) -> NDArray[np.float64]:
-        info = self.tensors()[name]
+        info = self._infos[name]
         raw = _to_numpy(self._torch, self._state[name])
         return decode(raw, info.dtype, f"{self.path}: {name!r}").astype(np.float64, copy=False)
 
     # -- optimizer ------------------------------------------------------------------------------
 
-    def _param_names(self, optimizer: Mapping[str, Any]) -> tuple[dict[Any, str], str]:
-        """Optimizer parameter id -> state_dict name, and how it was found."""
-        groups = optimizer["param_groups"]
-        ids = [pid for group in groups for pid in group["params"]]
-        if all("param_names" in group for group in groups):
-            names = [n for group in groups for n in group["param_names"]]
-            return dict(zip(ids, names, strict=True)), "param_names"
-        # Without recorded names, optimizer ids follow model.parameters(): the state_dict's
-        # order without buffers and without the second copy of a tied parameter.
-        infos = self.tensors()
-        seen: set[tuple[int, int]] = set()
-        candidates = []
-        for name, tensor in self._state.items():
-            if not isinstance(tensor, self._torch.Tensor):
-                continue
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            if key in seen and tensor.numel():
-                continue
-            seen.add(key)
-            if name.rsplit(".", 1)[-1] in _BUFFER_LEAVES or not tensor.is_floating_point():
-                continue
-            candidates.append(name)
-        state = optimizer["state"]
-        if len(candidates) != len(ids):
-            raise CheckpointError(
-                f"{self.path}: the optimizer has {len(ids)} parameters but the state_dict "
-                f"{len(candidates)}; cannot tell which moments belong to which parameter "
-                "(build the optimizer from model.named_parameters() so it saves param_names)"
-            )
-        for pid, name in zip(ids, candidates, strict=True):
-            for value in state.get(pid, {}).values():
-                if (
-                    isinstance(value, self._torch.Tensor)
-                    and value.dim()
-                    and (tuple(value.shape) != infos[name].shape)
-                ):
-                    raise CheckpointError(
-                        f"{self.path}: optimizer parameter #{pid} has moments of shape "
-                        f"{tuple(value.shape)} but parameter {name!r} in the same position has "
-                        f"shape {infos[name].shape}; build the optimizer from "
-                        "model.named_parameters() so it saves param_names"
-                    )
-        return dict(zip(ids, candidates, strict=True)), "order"
-
     def _edit_optimizer(
-        self,
-        optimizer: Mapping[str, Any],
-        editor: TensorEditor,
-        shapes: Mapping[str, tuple[int, ...]],
+        self, optimizer: Mapping[str, Any], found: OptimizerMap, editor: TensorEditor
     ) -> tuple[Any, dict[str, Any]]:
         torch = self._torch
-        names, mapped_by = self._param_names(optimizer)
         state = dict(optimizer["state"])
         reset: list[dict[str, Any]] = []
-        for pid, name in names.items():
+        for pid, name in found.names.items():
             if not editor.touches(name) or pid not in state:
                 continue
             entry = dict(state[pid])
             keys = []
             for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and tuple(value.shape) == shapes[name]:
+                # map_optimizer checked that every such tensor is shaped like its parameter.
+                if isinstance(value, torch.Tensor) and value.dim():
                     dtype = _dtype_name(torch, value.dtype)
                     moment = editor.apply_moment(name, _to_numpy(torch, value))
                     entry[key] = _from_numpy(torch, moment, dtype)
@@ -295,7 +306,10 @@ class TorchCheckpoint:
             reset.append({"param": name, "keys": keys})
         edited = dict(optimizer)
         edited["state"] = state
-        return edited, {"mapped_by": mapped_by, "moments": reset}
+        notes: dict[str, Any] = {"mapped_by": found.mapped_by, "moments": reset}
+        if found.note is not None:
+            notes["param_names"] = found.note
+        return edited, notes
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -303,23 +317,24 @@ class TorchCheckpoint:
         self, target: Path, editor: TensorEditor, final: Path
     ) -> tuple[FileDigest, FileDigest, dict[str, Any]]:
         torch = self._torch
-        infos = self.tensors()
         state = copy.copy(self._state)  # keeps the OrderedDict type and its _metadata
         for name in list(state):
             if not editor.touches(name):
                 continue
-            dtype = infos[name].dtype
+            dtype = self._infos[name].dtype
             edited = editor.apply(name, _to_numpy(torch, state[name]), dtype)
             state[name] = _from_numpy(torch, edited, dtype)
         obj = _replaced(self._obj, self._state_path, state)
-        notes: dict[str, Any] = {
-            "state_dict": ".".join(map(str, self._state_path)) or "(top level)"
-        }
-        if self._optim_path is not None:
-            optimizer = _get(self._obj, self._optim_path)
-            shapes = {name: info.shape for name, info in infos.items()}
-            edited, notes["optimizer"] = self._edit_optimizer(optimizer, editor, shapes)
-            obj = _replaced(obj, self._optim_path, edited)
+        notes: dict[str, Any] = {"state_dict": _dotted(self._state_path) or "(top level)"}
+        edits = []
+        for where, found in self._optimizers:
+            edited, note = self._edit_optimizer(_get(self._obj, where), found, editor)
+            obj = _replaced(obj, where, edited)
+            edits.append({"at": _dotted(where), **note})
+        if len(edits) == 1:
+            notes["optimizer"] = edits[0]
+        elif edits:
+            notes["optimizers"] = edits
         torch.save(obj, target)
         with target.open("rb+") as handle:
             os.fsync(handle.fileno())
