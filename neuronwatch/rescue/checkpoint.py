@@ -7,7 +7,6 @@ streams everything else through unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Mapping
@@ -30,8 +29,21 @@ __all__ = [
     "TensorEditor",
     "TensorInfo",
     "WriteResult",
-    "sha256_file",
+    "checksum_file",
 ]
+
+# The manifest's checksum. BLAKE3 hashes ~4x faster than SHA-256 here (7 GB/s against 1.8 GB/s
+# on one core with SHA extensions), and every rescue hashes each input and output byte once:
+# with SHA-256 the two checksums alone took longer than `cp` of the file. `b3sum FILE` checks a
+# file against its manifest (or `blake3.blake3(data).hexdigest()` in Python).
+CHECKSUM = "blake3"
+
+
+def new_hasher() -> Any:
+    """A fresh BLAKE3 hasher (imported here: only rescue needs it)."""
+    from blake3 import blake3
+
+    return blake3()
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,18 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileDigest:
+    """One file read or written, its :data:`CHECKSUM` (hex) and size."""
+
     path: str
-    sha256: str
+    digest: str
     bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+        return {"path": self.path, CHECKSUM: self.digest, "bytes": self.bytes}
+
+    def named(self, path: str) -> FileDigest:
+        """The same digest under the name the file will have once renamed into place."""
+        return FileDigest(path, self.digest, self.bytes)
 
 
 @dataclass
@@ -112,7 +130,7 @@ _CHUNK = 1 << 24
 
 
 class BackgroundDigest:
-    """:func:`sha256_file` of an input on another thread, while the output is being written
+    """:func:`checksum_file` of an input on another thread, while the output is being written
     (hashing releases the GIL: on two cores the input's checksum costs no wall time)."""
 
     def __init__(self, path: Path) -> None:
@@ -122,7 +140,7 @@ class BackgroundDigest:
 
     def _run(self, path: Path) -> None:
         try:
-            self._result.append(sha256_file(path))
+            self._result.append(checksum_file(path))
         except BaseException as exc:  # handed to the caller of result()
             self._result.append(exc)
 
@@ -135,14 +153,14 @@ class BackgroundDigest:
 
 
 class QueuedDigest:
-    """SHA-256 of the buffers a writer hands over, computed on another thread so the writer
+    """The checksum of the buffers a writer hands over, computed on another thread so the writer
     moves on at once (with the input hashed by :class:`BackgroundDigest`, both checksums run
     beside the copy on two cores). At most ``depth`` buffers wait; a buffer must not change
     after :meth:`update`. :meth:`close` ends the thread (also after an error)."""
 
     def __init__(self, depth: int = 4) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._digest = hashlib.sha256()
+        self._digest = new_hasher()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -160,11 +178,11 @@ class QueuedDigest:
 
     def hexdigest(self) -> str:
         self.close()
-        return self._digest.hexdigest()
+        return str(self._digest.hexdigest())
 
 
-def sha256_file(path: Path) -> FileDigest:
-    digest = hashlib.sha256()
+def checksum_file(path: Path) -> FileDigest:
+    digest = new_hasher()
     size = 0
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._version import __version__
-from .checkpoint import CheckpointError, TensorInfo, WriteResult
+from .checkpoint import CHECKSUM, CheckpointError, TensorInfo, WriteResult
 from .jsonout import dumps, plain, write_json
 from .plan import Plan
 
@@ -120,7 +120,7 @@ class Manifest:
             count = f" [{len(skip['neurons'])} neurons]" if "neurons" in skip else ""
             out.append(f"  skipped {skip['layer']}{param}{count}: {skip['reason']}")
         for digest in self.outputs:
-            out.append(f"  wrote {digest['path']} sha256 {digest['sha256'][:16]}...")
+            out.append(f"  wrote {digest['path']} {CHECKSUM} {digest[CHECKSUM][:16]}...")
         left = self.notes.get("not_copied")
         if left:
             out.append(

@@ -48,4 +48,4 @@ def test_the_written_manifest_lists_every_zeroed_weight(tmp_path: Path) -> None:
         expected = negative[np.argsort(row[negative], kind="stable")][: int(np.ceil(0.5 * 8))]
         assert positions == sorted(expected.tolist())
     assert loaded.inputs[0]["path"].endswith("m.safetensors")
-    assert len(loaded.outputs[0]["sha256"]) == 64
+    assert len(loaded.outputs[0]["blake3"]) == 64

@@ -42,11 +42,11 @@ def test_prune_streams_a_file_the_reference_library_reads(model: tuple[Path, Pat
     np.testing.assert_array_equal(new["fc3.weight"], old["fc3.weight"][:, keep2])
     np.testing.assert_array_equal(new["extra.counts"], old["extra.counts"])
     assert manifest.widths == {"act1": 13, "act2": 11}
-    import hashlib
+    from blake3 import blake3
 
-    assert manifest.inputs[0]["sha256"] == hashlib.sha256(before).hexdigest()
+    assert manifest.inputs[0]["blake3"] == blake3(before).hexdigest()
     out = checkpoint.with_name("pruned.safetensors").read_bytes()
-    assert manifest.outputs[0]["sha256"] == hashlib.sha256(out).hexdigest()
+    assert manifest.outputs[0]["blake3"] == blake3(out).hexdigest()
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F64"])

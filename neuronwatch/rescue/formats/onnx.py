@@ -22,11 +22,10 @@ from numpy.typing import NDArray
 from ...errors import MissingExtraError
 from ..checkpoint import (
     CheckpointError,
-    FileDigest,
     TensorEditor,
     TensorInfo,
     WriteResult,
-    sha256_file,
+    checksum_file,
 )
 from ..dtypes import decode, nbytes, storage_dtype
 from ..outputs import Stage
@@ -274,7 +273,7 @@ class OnnxCheckpoint:
         originals = list(all_tensors(self.model))
         data_name = f"{out.name}.data"
         data_path = stage.file(out.with_name(data_name)) if self.has_external_data else None
-        digests_in = {str(self.path): sha256_file(self.path)}
+        digests_in = {str(self.path): checksum_file(self.path)}
         top_level = len(model.graph.initializer)
         data_handle = data_path.open("wb") if data_path is not None else None
         try:
@@ -300,7 +299,7 @@ class OnnxCheckpoint:
                     _set_raw(tensor, payload)
                     continue
                 assert data_handle is not None
-                digests_in.setdefault(str(source[0]), sha256_file(source[0]))
+                digests_in.setdefault(str(source[0]), checksum_file(source[0]))
                 data_handle.write(payload)
                 _set_external(tensor, data_name, offset, len(payload))
                 offset += len(payload)
@@ -321,10 +320,10 @@ class OnnxCheckpoint:
         target.write_bytes(model.SerializeToString())
         outputs = []
         if data_path is not None:
-            written = sha256_file(data_path)
-            outputs.append(FileDigest(str(out.with_name(data_name)), written.sha256, written.bytes))
-        written = sha256_file(target)
-        outputs.insert(0, FileDigest(str(out), written.sha256, written.bytes))
+            written = checksum_file(data_path)
+            outputs.append(written.named(str(out.with_name(data_name))))
+        written = checksum_file(target)
+        outputs.insert(0, written.named(str(out)))
         return WriteResult(outputs=outputs, inputs=list(digests_in.values()), notes=notes)
 
 

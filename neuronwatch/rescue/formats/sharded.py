@@ -24,7 +24,7 @@ from ..checkpoint import (
     TensorEditor,
     TensorInfo,
     WriteResult,
-    sha256_file,
+    checksum_file,
 )
 from ..dtypes import nbytes, stored_bytes
 from ..outputs import Stage
@@ -121,7 +121,7 @@ class ShardedCheckpoint:
 
     def write(self, out: Path, editor: TensorEditor, stage: Stage) -> WriteResult:
         folder = stage.directory(out)
-        inputs: list[FileDigest] = [sha256_file(self.index_path)]
+        inputs: list[FileDigest] = [checksum_file(self.index_path)]
         outputs: list[FileDigest] = []
         for shard, checkpoint in self.shards.items():
             digest_in, digest_out, _ = checkpoint.write_to(folder / shard, editor, out / shard)
@@ -131,8 +131,8 @@ class ShardedCheckpoint:
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": self._total(editor)}
         target = folder / self.index_path.name
         target.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        written = sha256_file(target)
-        outputs.append(FileDigest(str(out / self.index_path.name), written.sha256, written.bytes))
+        written = checksum_file(target)
+        outputs.append(written.named(str(out / self.index_path.name)))
         notes = self._copy_side_files(folder)
         for item in folder.rglob("*"):
             if item.is_file() and not item.is_symlink():

@@ -30,7 +30,7 @@ from ..checkpoint import (
     TensorEditor,
     TensorInfo,
     WriteResult,
-    sha256_file,
+    checksum_file,
 )
 from ..dtypes import decode
 from ..outputs import Stage
@@ -338,8 +338,8 @@ class TorchCheckpoint:
         torch.save(obj, target)
         with target.open("rb+") as handle:
             os.fsync(handle.fileno())
-        written = sha256_file(target)
-        return sha256_file(self.path), FileDigest(str(final), written.sha256, written.bytes), notes
+        written = checksum_file(target)
+        return checksum_file(self.path), written.named(str(final)), notes
 
     def write(self, out: Path, editor: TensorEditor, stage: Stage) -> WriteResult:
         digest_in, digest_out, notes = self.write_to(stage.file(out), editor, out)
