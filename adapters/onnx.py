@@ -106,7 +106,7 @@ def watch_session(
     finally:
         # ONNX Runtime has read the graph (and mapped the weights) once the session exists.
         staged.remove()
-    source = OnnxSource(the_plan.augmented.taps)
+    source = OnnxSource(the_plan.augmented.taps, on_error=engine.count_error)
     monitor.attach(source)
     return WatchedSession(
         session, the_plan, monitor, source, histogram_every=histogram_every, strict=strict
@@ -130,19 +130,26 @@ def audit(
     """Run every batch (a mapping of input name to array) through ``model`` and judge every
     layer over all of them; ``on_batch(samples)`` is called after each batch (progress).
 
-    Pass an open ``session`` (from :func:`watch_session`) to reuse it.
+    Pass an open ``session`` (from :func:`watch_session`) to reuse its ONNX Runtime session
+    (``model`` and the other settings are then the session's): the report holds this audit's
+    batches only, and the session stays open, its own monitor untouched, for more audits or
+    serving.
     """
-    watched = session or watch_session(
-        model,
-        name=name,
-        provider=provider,
-        mask=mask,
-        layers=layers,
-        flush_interval=None,
-        histogram_every=histogram_every,
-        threads=threads,
-        strict=True,
-        **defaults,
+    watched = (
+        session.detached()
+        if session is not None
+        else watch_session(
+            model,
+            name=name,
+            provider=provider,
+            mask=mask,
+            layers=layers,
+            flush_interval=None,
+            histogram_every=histogram_every,
+            threads=threads,
+            strict=True,
+            **defaults,
+        )
     )
     batches_run = 0
     with watched:

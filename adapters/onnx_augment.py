@@ -144,6 +144,9 @@ class _Tapper:
         if tap.elem_type != work:
             x = m.op("Cast", x, to=work)
         rank = tap.rank
+        if rank == 0:
+            # A scalar (a gate such as sigmoid(h.mean()), a scalar input): one neuron, one row.
+            return m.op("Reshape", x, self.b.const(np.asarray([1, 1], np.int64))), work, (0,)
         if tap.masked == "no" and rank is not None and tap.axis % rank != rank - 1:
             # Channels first (conv maps): reduce over the other axes in place, no transpose.
             feature = tap.axis % rank
@@ -157,9 +160,13 @@ class _Tapper:
         if tap.neurons is not None:
             shape = self.b.const(np.asarray([-1, tap.neurons], np.int64))
         else:
+            # The last dim of [1, *shape]: a tensor that turns out to be a scalar is one neuron.
+            padded = m.op(
+                "Concat", self.b.const(np.asarray([1], np.int64)), m.op("Shape", x), axis=0
+            )
             last = m.op(
                 "Slice",
-                m.op("Shape", x),
+                padded,
                 self.b.const(np.asarray([-1], np.int64)),
                 self.b.const(np.asarray([np.iinfo(np.int64).max], np.int64)),
             )
@@ -262,6 +269,13 @@ class _Tapper:
         flat = self.b.const(np.asarray([-1], np.int64))
         return body.op("Reshape", body.op("MatMul", self.ones, values), flat)
 
+    def _zeros_like(self, body: Body, vector: str, work: int) -> str:
+        """Zeros shaped like the per-neuron ``vector``, never computed from its values:
+        ``sum - sum`` is NaN once a sum of finite values overflowed to inf (two values of
+        3e38 in float32), and a family without a flat region saturates nowhere."""
+        zero = numpy_helper.from_array(np.zeros(1, FLOAT_TYPES[work]), "value")
+        return body.op("ConstantOfShape", body.op("Shape", vector), value=zero)
+
     def _ones(self, view: str, work: int) -> str:
         """A ``[1, rows]`` row of ones for :meth:`total`, built once per tap and run."""
         m, b = self.main, self.b
@@ -291,7 +305,7 @@ class _Tapper:
         cheap["abs_sum"] = self.total(m, m.op("Abs", view), axes)
         cheap["sq_sum"] = self.total(m, m.op("Mul", view, view), axes)
         flat = self._flat(m, view, low, high)
-        zeros = m.op("Sub", cheap["sum"], cheap["sum"])
+        zeros = self._zeros_like(m, cheap["sum"], work)
         cheap["saturated"] = (
             self.total(m, m.op("Cast", flat, to=work), axes) if flat is not None else zeros
         )
@@ -347,7 +361,7 @@ class _Tapper:
         stats["saturated"] = (
             e.count(e.op("And", flat, finite), work, axes)
             if flat is not None
-            else e.op("Sub", stats["sum"], stats["sum"])
+            else self._zeros_like(e, stats["sum"], work)
         )
         return e.graph("exact", [(stats[f], work) for f in FIELD_ORDER])
 

@@ -29,7 +29,7 @@ from neuronwatch.families import ACTIVATION_CLASSES
 from .onnx_graph import GraphIndex, metadata_list
 from .onnx_sites import Site
 
-__all__ = ["Scope", "module_of", "name_sites", "site_name"]
+__all__ = ["Scope", "functional_sites", "module_of", "name_sites", "site_name"]
 
 _TRANSFORMER_LAYERS = ("TransformerEncoderLayer", "TransformerDecoderLayer")
 # Functional names of activations named by their torch class.
@@ -85,20 +85,24 @@ def _legacy_path(name: str) -> list[str] | None:
     return name.split("/")[1:-1]
 
 
-def module_of(node: onnx.NodeProto, output_first: bool = False) -> Scope:
+def module_of(node: onnx.NodeProto, output_first: bool = False, value_only: bool = False) -> Scope:
     """The scope of ``node`` from dynamo metadata, a legacy node name, or a legacy output name.
 
     ONNX Runtime's fusions keep the *output's* name but name the node after another part:
     FusedConv ``/conv1/Conv`` writes ``/relu/Relu_output_0``. ``output_first`` asks for the
     module of the value (the activation, for naming), else of the node (the producer, for
-    wiring).
+    wiring); ``value_only`` never falls back to the node's name (a fused node's name is its
+    producer's: ``fused /head/Gemm`` is not where the fused Sigmoid came from).
     """
     scopes = metadata_list(node, "pkg.torch.onnx.name_scopes")
     if scopes is not None and len(scopes) >= 2:
         classes = metadata_list(node, "pkg.torch.onnx.class_hierarchy") or []
         cls = _short(classes[-2]) if len(classes) >= 2 else None
         return Scope(scopes[-2], cls)
-    names = (*node.output, node.name) if output_first else (node.name, *node.output)
+    if value_only:
+        names: tuple[str, ...] = tuple(node.output)
+    else:
+        names = (*node.output, node.name) if output_first else (node.name, *node.output)
     for name in names:
         path = _legacy_path(name)
         if path is not None:
@@ -126,7 +130,11 @@ class _LegacyScopes:
                 self.nodes.setdefault(scope.module, []).append(node)
 
     def only_activation(self, module: str, site: Site) -> bool:
+        """Whether ``module`` is an activation module: a leaf scope holding nothing but this
+        site. A scope with sub-modules (``b`` above ``b.fc``) calls a functional activation."""
         own = {id(n) for n in site.nodes}
+        if any(other.startswith(f"{module}.") for other in self.nodes):
+            return False
         return all(id(n) in own or n.op_type == "Constant" for n in self.nodes.get(module, []))
 
     def exists(self, module: str) -> bool:
@@ -178,9 +186,12 @@ def base_name(
 ) -> tuple[str, str]:
     """``(base layer name, activation class name)`` of one site."""
     anchor = site.anchor
-    scope = module_of(anchor, output_first=True)
+    fused = site.producer_node is not None
+    scope = module_of(anchor, output_first=True, value_only=fused)
     if scope.module is None:
-        return anchor.name or site.output, site.activation
+        # A fused node is named after its producer (``fused node_linear``): the activation's
+        # own output name is closer to what it was.
+        return (site.output if fused else anchor.name or site.output), site.activation
     if scope.cls is not None:  # dynamo: classes are known
         if scope.cls in ACTIVATION_CLASSES and scope.module:
             return scope.module, scope.cls
@@ -189,6 +200,25 @@ def base_name(
     if module and scopes.only_activation(module, site):
         return _first_call(module, scopes, anchor.op_type), site.activation
     return _functional_base(index, site, scope, producer, consumer), site.activation
+
+
+def functional_sites(index: GraphIndex, sites: Sequence[Site]) -> dict[str, str]:
+    """``{output: input}`` of the sites known to be functional activations (``F.relu`` in a
+    block's forward), which the torch adapter's wiring walks through to the producer; sites
+    without scopes, and activation modules, are left out."""
+    scopes = _LegacyScopes(index)
+    through: dict[str, str] = {}
+    for site in sites:
+        scope = module_of(site.anchor, output_first=True)
+        if site.input is None or scope.module is None:
+            continue
+        if scope.cls is not None:
+            module = scope.cls in ACTIVATION_CLASSES and bool(scope.module)
+        else:
+            module = bool(scope.module) and scopes.only_activation(scope.module, site)
+        if not module:
+            through[site.output] = site.input
+    return through
 
 
 def name_sites(

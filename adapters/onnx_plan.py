@@ -25,7 +25,7 @@ from neuronwatch.errors import ConfigError
 from .onnx_augment import Augmented, Tap, augment, mask_rule
 from .onnx_graph import GraphIndex, topological
 from .onnx_load import LoadedModel, load_model, lower_ir_version
-from .onnx_names import Named, model_class, name_sites
+from .onnx_names import Named, functional_sites, model_class, name_sites
 from .onnx_sites import find_sites, unwatched_in_subgraphs
 from .onnx_wiring import SiteWiring, channel_rank, feature_axis, wire_site
 
@@ -118,6 +118,28 @@ def _infer(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
         return proto
 
 
+def _inlined(proto: onnx.ModelProto, where: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with its model-local functions inlined (torch's
+    ``export_modules_as_functions`` puts whole blocks in them), so their activations are in
+    the main graph and watched; if inlining fails, those activations are listed as unwatched.
+    """
+    if not proto.functions:
+        return proto, []
+    try:
+        import onnx.inliner
+
+        return onnx.inliner.inline_local_functions(proto), []
+    except Exception as exc:
+        log.debug("%s: inlining local functions failed (%r)", where, exc)
+    hidden = []
+    for function in proto.functions:
+        body = onnx.helper.make_graph(list(function.node), function.name, [], [])
+        hidden += [
+            f"{function.name}/{s.anchor.name or s.output}" for s in find_sites(GraphIndex.of(body))
+        ]
+    return proto, hidden
+
+
 def _input_specs(index: GraphIndex) -> list[InputSpec]:
     specs = []
     for value in index.graph.input:
@@ -168,6 +190,7 @@ def plan(
     where = str(loaded.path) if loaded.path is not None else "model"
     proto = loaded.proto
     lower_ir_version(proto, where)
+    proto, in_functions = _inlined(proto, where)
     index = GraphIndex.of(_inferred(proto, where).graph)
     sites = find_sites(index)
     unwatched = unwatched_in_subgraphs(proto.graph)
@@ -175,6 +198,14 @@ def plan(
         log.warning(
             "%s: activation %s is inside a control-flow subgraph and not watched", where, hidden
         )
+    for hidden in in_functions:
+        log.warning(
+            "%s: activation %s is inside a model-local function that could not be inlined, "
+            "and is not watched",
+            where,
+            hidden,
+        )
+    unwatched += in_functions
     if not sites:
         raise ConfigError(
             f"{where}: the model has no activation to watch (no Relu, Gelu, Sigmoid, ... in its "
@@ -186,12 +217,12 @@ def plan(
         int(dim) if shape and isinstance(dim := shape[axis], int) else None
         for shape, axis in zip(shapes, axes, strict=True)
     ]
-    wirings = [wire_site(index, s, a, n) for s, a, n in zip(sites, axes, neurons, strict=True)]
-    for i, site_wiring in enumerate(wirings):
-        if neurons[i] is None and site_wiring.wiring.produces:
-            # Shapes lost (fused ops): the producer's parameter says how many neurons there are.
-            ref = site_wiring.wiring.produces[-1]
-            neurons[i] = ref.shape[ref.axis]
+    through = functional_sites(index, sites)
+    wirings = [
+        wire_site(index, s, a, n, through) for s, a, n in zip(sites, axes, neurons, strict=True)
+    ]
+    # Shapes lost (fused ops): wire_site took the count from the producer's parameter.
+    neurons = [w.neurons for w in wirings]
     named = _select(
         name_sites(index, sites, [(w.wiring.producer, w.wiring.consumer) for w in wirings], pre),
         layers,

@@ -182,47 +182,55 @@ def _match_erf_gelu(index: GraphIndex, erf: onnx.NodeProto) -> Site | None:
     return Site(tail[-1].output[0], x, "GELU(erf)", "GELU", (), _ordered(index, nodes))
 
 
-def _ancestors(index: GraphIndex, tensor: str, limit: int) -> tuple[set[str], list[onnx.NodeProto]]:
-    """Tensors and nodes up to ``limit`` steps above ``tensor``."""
-    seen: set[str] = set()
-    nodes: list[onnx.NodeProto] = []
-    frontier = [tensor]
-    for _ in range(limit):
-        following: list[str] = []
-        for name in frontier:
-            node = index.producer.get(name)
-            if node is None or node in nodes:
-                continue
-            nodes.append(node)
-            for parent in node.input:
-                if parent and parent not in seen:
-                    seen.add(parent)
-                    following.append(parent)
-        frontier = following
-    return seen, nodes
+def _scaled_by(index: GraphIndex, tensor: str, factor: float) -> tuple[onnx.NodeProto, str] | None:
+    """``(node, other)`` when ``tensor`` is ``Mul(factor, other)`` in either order."""
+    node = index.producer.get(tensor)
+    if node is None or node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for constant, other in (node.input, node.input[::-1]):
+        if _close(index.scalar(constant), factor):
+            return node, other
+    return None
+
+
+def _cube(index: GraphIndex, tensor: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    """``(x, nodes)`` when ``tensor`` is ``x**3``: ``Pow(x, 3)``, ``x * (x * x)`` or
+    ``(x * x) * x``."""
+    node = index.producer.get(tensor)
+    if node is None or len(node.input) != 2:
+        return None
+    if node.op_type == "Pow" and _close(index.scalar(node.input[1]), 3.0):
+        return node.input[0], [node]
+    if node.op_type != "Mul":
+        return None
+    for x, other in (node.input, node.input[::-1]):
+        square = index.producer.get(other)
+        if square is not None and square.op_type == "Mul" and list(square.input) == [x, x]:
+            return x, [square, node]
+    return None
 
 
 def _match_tanh_gelu(index: GraphIndex, tanh: onnx.NodeProto) -> Site | None:
+    """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))``, every term rooted at the
+    same ``x``: only the nodes of this one GELU are claimed, never a neighbour's."""
     one_plus = _single_reader(index, tanh.output[0], "Add")
     if one_plus is None or not _is_one(index, one_plus, tanh.output[0]):
         return None
-    scale = index.producer.get(tanh.input[0])
-    if scale is None or scale.op_type != "Mul":
+    scaled = _scaled_by(index, tanh.input[0], _SQRT_2_OVER_PI)
+    if scaled is None:
         return None
-    constants = [index.scalar(name) for name in scale.input]
-    if not any(_close(c, _SQRT_2_OVER_PI) for c in constants):
+    scale, inner = scaled
+    add = index.producer.get(inner)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
         return None
-    seen, inner = _ancestors(index, tanh.input[0], 5)
-    if not any(_close(index.scalar(name), 0.044715) for name in seen):
-        return None
-    # x is the tensor the cubic term and the tail both use.
-    for x in seen:
-        if index.is_initializer(x) or x in index.constants:
+    for x, term in (add.input, add.input[::-1]):
+        cubic = _scaled_by(index, term, 0.044715)
+        cube = _cube(index, cubic[1]) if cubic is not None else None
+        if cubic is None or cube is None or cube[0] != x:
             continue
         tail = _gelu_tail(index, one_plus, x)
         if tail is not None:
-            own = [n for n in inner if index.producer.get(x) is not n]
-            nodes = (*own, tanh, one_plus, *tail)
+            nodes = (*cube[1], cubic[0], add, scale, tanh, one_plus, *tail)
             return Site(tail[-1].output[0], x, "GELU(tanh)", "GELU", (), _ordered(index, nodes))
     return None
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from neuronwatch.errors import NeuronwatchError, ShapeError
 from neuronwatch.partials import Partials
 
 from .onnx_augment import FIELD_ORDER, TapOutputs
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # float32 sums of 0/1 values are exact while every partial sum stays below 2**24.
 EXACT_FLOAT32_COUNT = 2**24
 _MERGE = {"max": np.maximum, "min": np.minimum}
+_COUNTS = frozenset({"fired", "saturated", "nonfinite"})
 
 
 class _Layer:
@@ -40,8 +42,12 @@ class _Layer:
         self.histogram: NDArray[np.float64] | None = None
 
     def add(self, values: Mapping[str, NDArray[Any]], with_histogram: bool) -> None:
+        """Add one run's values; a run whose values cannot be partial sums (NaN, negative
+        counts) raises :class:`ShapeError` before anything is merged, so it is refused alone
+        and the sums of the other runs stay valid."""
         rows = int(values["rows"])
         incoming = {name: np.asarray(values[name], dtype=np.float64) for name in FIELD_ORDER}
+        self._check(rows, incoming)
         if self.arrays is None:
             self.arrays = {name: array.copy() for name, array in incoming.items()}
         else:
@@ -56,26 +62,50 @@ class _Layer:
             self.histogram = bins if self.histogram is None else self.histogram + bins
         self.rows += rows
 
+    def _check(self, rows: int, incoming: Mapping[str, NDArray[np.float64]]) -> None:
+        where = f"layer {self.outputs.layer!r}"
+        if rows < 0:
+            raise ShapeError(f"{where}: a run reported {rows} rows")
+        for name, array in incoming.items():
+            if np.isnan(array).any():
+                raise ShapeError(
+                    f"{where}: a run's {name!r} holds NaN (a sum of finite values that "
+                    "overflowed both ways?); the run is left out of the statistics"
+                )
+            if name in _COUNTS and (array < 0).any():
+                raise ShapeError(f"{where}: a run's {name!r} count is negative")
+
     def drain(self) -> Partials | None:
+        """The partials since the last drain; the sums are reset first, so partials that do
+        not check out are lost alone and never block the following drains."""
         if self.arrays is None:
             return None
-        bins = self.outputs.edges + 1
-        histogram = self.histogram if self.histogram is not None else np.zeros(bins)
-        partials = Partials.from_arrays(
-            rows=self.rows, bins=bins, histogram=histogram, **self.arrays
-        )
+        rows, arrays, histogram = self.rows, self.arrays, self.histogram
         self.rows, self.arrays, self.histogram = 0, None, None
-        return partials
+        bins = self.outputs.edges + 1
+        return Partials.from_arrays(
+            rows=rows,
+            bins=bins,
+            histogram=histogram if histogram is not None else np.zeros(bins),
+            **arrays,
+        )
 
 
 class OnnxSource:
-    """An activation source fed by the runs of one augmented ONNX Runtime session."""
+    """An activation source fed by the runs of one augmented ONNX Runtime session.
 
-    def __init__(self, taps: Sequence[TapOutputs]) -> None:
+    ``on_error(layer)`` is told about every run or drain of a layer that was refused (the
+    monitor's engine counts them as that layer's errors).
+    """
+
+    def __init__(
+        self, taps: Sequence[TapOutputs], on_error: Callable[[str], None] | None = None
+    ) -> None:
         self._layers = {tap.layer: _Layer(tap) for tap in taps}
         self._lock = threading.Lock()
         self._closed = False
         self._warned_counts = False
+        self._on_error = on_error
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -85,9 +115,12 @@ class OnnxSource:
         """Every extra output of the session, in the order :meth:`record` expects them."""
         return [name for layer in self._layers.values() for name in layer.outputs.names.values()]
 
-    def record(self, results: Sequence[NDArray[Any]], with_histogram: bool) -> None:
-        """Add one run's extra outputs (in :meth:`output_names` order)."""
+    def record(self, results: Sequence[NDArray[Any]], with_histogram: bool) -> dict[str, Exception]:
+        """Add one run's extra outputs (in :meth:`output_names` order); returns the layers whose
+        values were refused, with why (the caller counts them as errors; the others are added).
+        """
         position = 0
+        refused: dict[str, Exception] = {}
         with self._lock:
             for layer in self._layers.values():
                 names = list(layer.outputs.names)
@@ -101,14 +134,27 @@ class OnnxSource:
                         layer.outputs.layer,
                         int(values["rows"]),
                     )
-                layer.add(values, with_histogram)
+                try:
+                    layer.add(values, with_histogram)
+                except ShapeError as exc:
+                    refused[layer.outputs.layer] = exc
+        return refused
 
     def drain(self) -> Iterator[tuple[str, Partials]]:
+        drained: list[tuple[str, Partials]] = []
         with self._lock:
-            drained = [(name, layer.drain()) for name, layer in self._layers.items()]
-        for name, partials in drained:
-            if partials is not None:
-                yield name, partials
+            for name, layer in self._layers.items():
+                try:
+                    partials = layer.drain()
+                except (NeuronwatchError, ValueError) as exc:
+                    # Counted and dropped: one bad window must not stop every later flush.
+                    log.warning("layer %r: its partials were dropped: %s", name, exc)
+                    if self._on_error is not None:
+                        self._on_error(name)
+                    continue
+                if partials is not None:
+                    drained.append((name, partials))
+        yield from drained
 
     def close(self) -> None:
         self._closed = True

@@ -20,7 +20,7 @@ they are left out of the wiring and listed by :func:`not_editable` instead.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -61,8 +61,12 @@ class ParamLink:
 
 @dataclass(frozen=True)
 class SiteWiring:
+    """A site's wiring, the file's side of each parameter, and its neuron count (from the
+    shapes, else from the producer's parameter; None when neither tells)."""
+
     wiring: Wiring
     links: tuple[ParamLink, ...]
+    neurons: int | None = None
 
     @property
     def not_editable(self) -> list[str]:
@@ -223,11 +227,25 @@ def _producer_links(
     return None
 
 
+def _module_of_params(links: Sequence[ParamLink]) -> str | None:
+    """``fc`` from a producer's ``fc.weight``: the module when the node's own scope is lost
+    (ONNX Runtime's optimiser drops the dynamo exporter's metadata from fused nodes) but the
+    file kept the ``state_dict`` name."""
+    for link in links:
+        if link.ref.name == link.initializer and link.ref.name.endswith(".weight"):
+            return link.ref.name[: -len(".weight")]
+    return None
+
+
 def _walk_back(
-    index: GraphIndex, tensor: str | None, fused: onnx.NodeProto | None
+    index: GraphIndex,
+    tensor: str | None,
+    fused: onnx.NodeProto | None,
+    through: Mapping[str, str] | None = None,
 ) -> tuple[str | None, list[ParamLink]]:
     """Producer module and its parameters (per-channel ones first, then weight and bias, the
-    torch adapter's order)."""
+    torch adapter's order). ``through`` maps the output of a functional activation to its
+    input: the walk goes on through it, as the torch adapter's wiring does."""
     per_channel: list[ParamLink] = []
     bias: str | None = None
     producer: str | None = None
@@ -237,8 +255,12 @@ def _walk_back(
             bias = fused.input[1]
         else:
             module = module_of(fused).module
-            return module or fused.name, _producer_links(index, fused, module) or []
+            links = _producer_links(index, fused, module) or []
+            return module or _module_of_params(links) or fused.name, links
     for _ in range(_MAX_STEPS):
+        if through and current is not None and current in through:
+            current = through[current]
+            continue
         node = index.producer.get(current) if current is not None else None
         if node is None:
             break
@@ -257,14 +279,15 @@ def _walk_back(
                 break
             bias, current = found
             continue
-        links = _producer_links(index, node, module)
-        if links is None:
+        found_links = _producer_links(index, node, module)
+        if found_links is None:
             break
+        links = found_links
         # The bias belongs to the producer (a Linear's bias): named after its module.
         bias_link = _link(index, bias, module, "bias", 0) if bias is not None else None
         if bias_link is not None and bias_link.ref.name not in {x.ref.name for x in links}:
             links.append(bias_link)
-        return module or node.name, per_channel + links
+        return module or _module_of_params(links) or node.name, per_channel + links
     return producer, per_channel
 
 
@@ -305,7 +328,9 @@ def _walk_forward(
             found = _consumer_links(index, node, current, editable)
             if found is not None:
                 if editable or consumer is None:
-                    consumer = consumer or (module_of(node).module or node.name)
+                    consumer = consumer or (
+                        module_of(node).module or _module_of_params(found) or node.name
+                    )
                 # Behind a reshape the parameter's axis may no longer be the neurons' one.
                 links.extend(
                     link
@@ -360,9 +385,22 @@ def channel_rank(index: GraphIndex, site: Site) -> int | None:
     return None
 
 
-def wire_site(index: GraphIndex, site: Site, axis: int, neurons: int | None) -> SiteWiring:
-    """Producer and consumer parameters of one site."""
-    producer, produced = _walk_back(index, site.input, site.producer_node)
+def wire_site(
+    index: GraphIndex,
+    site: Site,
+    axis: int,
+    neurons: int | None,
+    through: Mapping[str, str] | None = None,
+) -> SiteWiring:
+    """Producer and consumer parameters of one site; ``through`` as for :func:`_walk_back`.
+
+    When shapes were lost (fused ops), the producer's parameter says how many neurons there
+    are, before the consumers are filtered by that count (a ``Flatten`` into a Linear reads
+    ``channels * positions`` features, not the neurons)."""
+    producer, produced = _walk_back(index, site.input, site.producer_node, through)
+    if neurons is None and produced:
+        last = produced[-1].ref
+        neurons = last.shape[last.axis]
     consumer, consumed = _walk_forward(index, site.output, neurons)
     if neurons is not None:
         produced = [link for link in produced if link.ref.shape[link.ref.axis] == neurons]
@@ -374,7 +412,7 @@ def wire_site(index: GraphIndex, site: Site, axis: int, neurons: int | None) -> 
         produces=tuple(_refs(_dedup(produced))),
         consumes=tuple(_refs(_dedup(consumed))),
     )
-    return SiteWiring(wiring, tuple(links))
+    return SiteWiring(wiring, tuple(links), neurons)
 
 
 def _dedup(links: Iterable[ParamLink]) -> list[ParamLink]:

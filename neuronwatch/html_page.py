@@ -50,6 +50,23 @@ def _share(count: int, total: int) -> str:
     return f"{100.0 * count / total:.1f}%" if total else "-"
 
 
+def _meta_items(meta: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``report.meta`` as ``key=value`` pairs for the header: nested mappings flattened to
+    dotted keys (``onnx.provider``), long collections counted, empty ones left out; never a
+    raw ``dict`` repr (an audit's meta holds its sites and initializer map)."""
+    items: list[tuple[str, str]] = []
+    for key, value in meta.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not prefix:
+            items += _meta_items(value, f"{name}.")
+        elif isinstance(value, (dict, list, tuple)):
+            if value:
+                items.append((name, f"{len(value)} entries"))
+        elif value is not None:
+            items.append((name, str(value)))
+    return items
+
+
 def _header(report: Report) -> list[str]:
     created = datetime.datetime.fromtimestamp(report.created, tz=datetime.timezone.utc)
     parts = [
@@ -57,8 +74,8 @@ def _header(report: Report) -> list[str]:
         f'<p class="meta">window <b>{_e(report.window)}</b> · step {report.step} · written '
         f"{created:%Y-%m-%d %H:%M:%S} UTC · neuronwatch {_e(__version__)}</p>",
     ]
-    if report.meta:
-        items = " · ".join(f"{_e(k)}={_e(v)}" for k, v in report.meta.items())
+    items = " · ".join(f"{_e(k)}={_e(v)}" for k, v in _meta_items(report.meta))
+    if items:
         parts.append(f'<p class="meta">{items}</p>')
     neurons = report.neurons
     totals = [f"<span>{len(report.layers)} layers</span>", f"<span>{neurons} neurons</span>"]

@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from numpy.typing import NDArray
 
 from .config import KINDS
 from .report import Report
@@ -55,6 +56,12 @@ _LINES: dict[State, tuple[float, str, str]] = {
     State.UNKNOWN: (1.2, "--", "x"),
 }
 FREQUENCY_CMAP = "viridis"  # dark blue: never fires, yellow: fires on every row (as in the seed)
+# Beyond this many layers (call sites) the per-layer views draw one matrix, a row per layer,
+# instead of a panel per layer: a 300-layer model gave 28000-pixel-tall PNGs after a minute.
+MAX_PANELS = 40
+MAX_INCHES = 30.0  # the tallest or widest a figure gets, however many layers
+MAX_LABELS = 60  # tick labels per axis; every k-th layer is named beyond that
+_COMPACT_COLUMNS = 128  # neurons of a layer resampled to this many columns in the matrix
 
 
 def label(value: str) -> str:
@@ -87,6 +94,18 @@ def sites(report: Report) -> tuple[list[str], list[dict[str, LayerStats]]]:
     return list(dict.fromkeys(kinds)), list(by_site.values())
 
 
+def compact_height(rows: int) -> float:
+    """Figure height (inches) of a one-matrix view of ``rows`` layers: bounded."""
+    return min(MAX_INCHES, 1.6 + 0.12 * rows)
+
+
+def row_labels(axes: Axes, names: list[str]) -> None:
+    """Name the rows of a matrix view, every k-th one when there are too many to read."""
+    step = max(1, math.ceil(len(names) / MAX_LABELS))
+    rows = list(range(0, len(names), step))
+    axes.set_yticks(rows, [label(names[i]) for i in rows], fontsize=6)
+
+
 def percent(stats: LayerStats, state: State) -> str:
     return f"{100.0 * stats.ratio(state):.1f}%"
 
@@ -104,6 +123,8 @@ def _unknown_note(stats: LayerStats) -> str:
 def firing_frequency(report: Report) -> Figure:
     """Per call site (rows) and kind (columns), the neurons sorted by firing frequency."""
     kinds, layer_sites = sites(report)
+    if len(layer_sites) > MAX_PANELS:
+        return _compact_frequency(report, kinds, layer_sites)
     figure = Figure(
         figsize=(1.0 + 5.0 * len(kinds), 0.6 + 0.95 * len(layer_sites)),
         layout="constrained",
@@ -164,6 +185,59 @@ def firing_frequency(report: Report) -> Figure:
     return figure
 
 
+def _resampled(frequency: NDArray[np.float64]) -> NDArray[np.float64]:
+    """A layer's sorted frequencies (NaN last) at :data:`_COMPACT_COLUMNS` evenly spaced ranks."""
+    ordered = np.sort(frequency)
+    if ordered.size == 0:
+        return np.full(_COMPACT_COLUMNS, np.nan)
+    ranks = np.linspace(0, ordered.size - 1, _COMPACT_COLUMNS).round().astype(int)
+    return np.asarray(ordered[ranks], dtype=np.float64)
+
+
+def _compact_frequency(
+    report: Report, kinds: list[str], layer_sites: list[dict[str, LayerStats]]
+) -> Figure:
+    """Many layers: one matrix per kind, a row per call site, its neurons sorted by frequency
+    and resampled to a fixed width (the x axis is the neurons' rank, 0 to 1)."""
+    figure = Figure(
+        figsize=(1.6 + 4.0 * len(kinds), compact_height(len(layer_sites))), layout="constrained"
+    )
+    grid = figure.subplots(1, len(kinds), squeeze=False)
+    cmap = colormaps[FREQUENCY_CMAP].with_extremes(bad=STATE_COLORS[State.UNKNOWN])
+    names = [next(iter(by_kind.values())).name for by_kind in layer_sites]
+    image = None
+    for axes, kind in zip(grid[0], kinds, strict=True):
+        matrix = np.stack(
+            [
+                _resampled(by_kind[kind].frequency)
+                if kind in by_kind
+                else np.full(_COMPACT_COLUMNS, np.nan)
+                for by_kind in layer_sites
+            ]
+        )
+        image = axes.imshow(
+            matrix,
+            aspect="auto",
+            cmap=cmap,
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="nearest",
+            extent=(0.0, 1.0, len(layer_sites) - 0.5, -0.5),
+        )
+        row_labels(axes, names)
+        axes.set_title(f"kind {kind}", fontsize=9, loc="left")
+        axes.set_xlabel("neurons, sorted by firing frequency (share of the layer)", fontsize=8)
+        axes.tick_params(axis="x", labelsize=7)
+    if image is not None:
+        bar = figure.colorbar(image, ax=grid, location="top", shrink=0.5, aspect=40)
+        bar.set_label("firing frequency (grey: not watched or no finite row)", fontsize=8)
+    figure.suptitle(
+        label(f"{report.model}: firing frequency per neuron, {len(layer_sites)} layers"),
+        fontsize=10,
+    )
+    return figure
+
+
 # -- 2. activation histograms -------------------------------------------------------------------
 
 
@@ -175,6 +249,8 @@ def histograms(report: Report, columns: int = 3) -> Figure:
     """Each layer's value histogram over its fixed edges, one panel per layer. Bins are drawn
     at equal width (the default edges are log-like), labelled with their edges."""
     layers = list(report.layers.values())
+    if len(layers) > MAX_PANELS:
+        return _compact_histograms(report, layers)
     columns = max(1, min(columns, len(layers)))
     rows = math.ceil(len(layers) / columns)
     figure = Figure(figsize=(4.6 * columns, 0.6 + 2.6 * rows), layout="constrained")
@@ -186,6 +262,35 @@ def histograms(report: Report, columns: int = 3) -> Figure:
         _histogram_panel(axes, stats)
     figure.suptitle(
         label(f"{report.model}: activation histograms (share of values per bin)"), fontsize=10
+    )
+    return figure
+
+
+def _compact_histograms(report: Report, layers: list[LayerStats]) -> Figure:
+    """Many layers: one matrix, a row per layer, its share of values per bin (the bins are
+    labelled with their edges when every layer has the same edges)."""
+    width = max(len(s.partials.histogram) for s in layers)
+    matrix = np.full((len(layers), width), np.nan)
+    for row, stats in enumerate(layers):
+        counts = stats.partials.histogram.astype(np.float64)
+        total = float(counts.sum())
+        if total:
+            matrix[row, : len(counts)] = counts / total
+    figure = Figure(figsize=(9.0, compact_height(len(layers))), layout="constrained")
+    axes = figure.subplots()
+    cmap = colormaps["magma"].with_extremes(bad=STATE_COLORS[State.UNKNOWN])
+    image = axes.imshow(matrix, aspect="auto", cmap=cmap, vmin=0.0, interpolation="nearest")
+    row_labels(axes, [f"{s.name} [{s.kind}]" for s in layers])
+    edges = layers[0].config.histogram_edges
+    if all(tuple(s.config.histogram_edges) == tuple(edges) for s in layers):
+        axes.set_xticks(
+            np.arange(len(edges)) + 0.5, [_edge_label(e) for e in edges], rotation=90, fontsize=6
+        )
+    axes.set_xlabel("bin (upper edge); grey: no values sampled", fontsize=8)
+    bar = figure.colorbar(image, ax=axes, location="top", shrink=0.5, aspect=40)
+    bar.set_label("share of the layer's values in the bin", fontsize=8)
+    figure.suptitle(
+        label(f"{report.model}: activation histograms, {len(layers)} layers"), fontsize=10
     )
     return figure
 
@@ -244,7 +349,8 @@ def state_ratios(report: Report) -> Figure:
     by_kind = {k: [s for s in report.layers.values() if s.kind == k] for k in kinds}
     longest = max(len(layers) for layers in by_kind.values())
     figure = Figure(
-        figsize=(max(6.0, 1.5 + 0.35 * longest), 0.8 + 3.6 * len(kinds)), layout="constrained"
+        figsize=(min(MAX_INCHES, max(6.0, 1.5 + 0.35 * longest)), 0.8 + 3.6 * len(kinds)),
+        layout="constrained",
     )
     grid = figure.subplots(len(kinds), 1, squeeze=False)
     show_unknown = any(s.count(State.UNKNOWN) for s in report.layers.values())
@@ -267,7 +373,14 @@ def state_ratios(report: Report) -> Figure:
                 # of the firing states are drawn on top of the wide overlay lines.
                 zorder=6.0 - width,
             )
-        axes.set_xticks(depth, [label(s.name) for s in layers], rotation=60, ha="right", fontsize=7)
+        step = max(1, math.ceil(len(layers) / MAX_LABELS))  # every k-th name when too many
+        axes.set_xticks(
+            depth[::step],
+            [label(s.name) for s in layers[::step]],
+            rotation=60,
+            ha="right",
+            fontsize=7,
+        )
         axes.set_xlim(-0.5, max(len(layers) - 0.5, 0.5))
         axes.set_ylim(-0.03, 1.03)
         axes.set_ylabel("share of neurons", fontsize=8)

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
-from .plot_figures import STATE_COLORS, label, percent, sites
+from .plot_figures import (
+    MAX_PANELS,
+    STATE_COLORS,
+    compact_height,
+    label,
+    percent,
+    row_labels,
+    sites,
+)
 from .report import Report
 from .states import State
 from .stats import LayerStats
@@ -37,6 +46,8 @@ def layer_map(report: Report) -> Figure:
     """The watched layers in graph (report) order, call sites top to bottom, kinds side by side,
     each box filled by its dead share, with a liveness bar of its firing states."""
     kinds, layer_sites = sites(report)
+    if len(layer_sites) > MAX_PANELS:
+        return _compact_map(report, kinds, layer_sites)
     figure = Figure(
         figsize=(1.6 + 4.2 * len(kinds), 0.5 + 0.85 * len(layer_sites)), layout="constrained"
     )
@@ -68,6 +79,58 @@ def layer_map(report: Report) -> Figure:
     )
     mappable.set_label("dead share of the layer's neurons", fontsize=8)
     figure.suptitle(label(f"{report.model}: watched layers in graph order"), fontsize=10)
+    return figure
+
+
+_STRIP = 100  # columns of a layer's liveness strip: one per percent of its neurons
+
+
+def _strip(stats: LayerStats | None) -> np.ndarray:
+    """A layer's firing states as a row of :data:`_STRIP` state indices (-1: not watched),
+    dead at the left so its share reads off the axis."""
+    if stats is None or not stats.neurons:
+        return np.full(_STRIP, -1)
+    order = (State.DEAD, State.LEAKING, State.ASLEEP, State.ACTIVE, State.UNKNOWN)
+    shares = np.cumsum([stats.ratio(state) for state in order])
+    ends = np.round(shares * _STRIP).astype(int)
+    return np.searchsorted(ends, np.arange(_STRIP), side="right").clip(0, len(order) - 1)
+
+
+def _compact_map(
+    report: Report, kinds: list[str], layer_sites: list[dict[str, LayerStats]]
+) -> Figure:
+    """Many layers: per kind, a row per call site in graph order, a strip of its firing states
+    (dead first), so a bounded figure still shows where along the depth neurons die."""
+    order = (State.DEAD, State.LEAKING, State.ASLEEP, State.ACTIVE, State.UNKNOWN)
+    cmap = ListedColormap([STATE_COLORS[s] for s in order]).with_extremes(under="white")
+    figure = Figure(
+        figsize=(1.6 + 3.6 * len(kinds), compact_height(len(layer_sites))), layout="constrained"
+    )
+    grid = figure.subplots(1, len(kinds), squeeze=False)
+    names = [next(iter(by_kind.values())).name for by_kind in layer_sites]
+    for axes, kind in zip(grid[0], kinds, strict=True):
+        matrix = np.stack([_strip(by_kind.get(kind)) for by_kind in layer_sites])
+        axes.imshow(
+            matrix,
+            aspect="auto",
+            cmap=cmap,
+            vmin=0,
+            vmax=len(order) - 1,
+            interpolation="nearest",
+            extent=(0.0, 100.0, len(layer_sites) - 0.5, -0.5),
+        )
+        row_labels(axes, names)
+        axes.set_title(f"kind {kind}", fontsize=9, loc="left")
+        axes.set_xlabel("% of the layer's neurons", fontsize=8)
+        axes.tick_params(axis="x", labelsize=7)
+    handles = [Rectangle((0, 0), 1, 1, color=STATE_COLORS[s]) for s in order]
+    figure.legend(
+        handles, [s.value for s in order], loc="outside lower center", ncols=len(order), fontsize=8
+    )
+    figure.suptitle(
+        label(f"{report.model}: watched layers in graph order, {len(layer_sites)} layers"),
+        fontsize=10,
+    )
     return figure
 
 

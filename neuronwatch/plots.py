@@ -114,8 +114,14 @@ def write_plots(report: Report, directory: Path) -> list[Path]:
     page = render_page(report, [(view, _png_size(data)) for view, data in images.items()])
     files = {directory / view.file: data for view, data in images.items()}
     files[directory / HTML_NAME] = page.encode("utf-8")
-    directory.mkdir(parents=True, exist_ok=True)
-    write_files_atomic(files)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_files_atomic(files)
+    except OSError as exc:  # an uncreatable or read-only folder: one line, not a traceback
+        raise ConfigError(
+            f"cannot write the plots into {directory}: {exc.strerror or exc}; pass a directory "
+            "that can be created and written"
+        ) from exc
     return list(files)
 
 

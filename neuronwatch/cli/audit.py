@@ -2,67 +2,128 @@
 
 Runs the data through ONNX Runtime with the reductions appended to the graph, then writes the
 report, its plots and HTML page into DIR, and applies the dead/dormant/saturated budgets of
-``neuronwatch check`` when given. DIR is assembled in a temporary sibling directory and
-renamed into place at the end: a failed audit leaves no half-written DIR (and an earlier report
-in DIR stays as it was).
+``neuronwatch check`` when given.
+
+DIR is checked before the audit runs (a new or empty directory, or an earlier report's) and
+nothing is written until the audit succeeded: a failed audit leaves DIR as it was. Then only
+the audit's own files are replaced in DIR, each atomically (the report pair first, then the
+plots and page together); anything else in DIR (a checkpoint, logs) is never touched. The
+report is kept even when the plots cannot be made (no matplotlib): one line says so.
+
+Exit codes, as ``neuronwatch check``: 0 within budget, 1 over budget, 2 bad input (one line on
+stderr), so a CI step can tell "the model regressed" from "the gate is misconfigured".
 """
 
 from __future__ import annotations
 
 import importlib
-import shutil
-import tempfile
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..audit_data import open_data, parse_shape
-from ..errors import ConfigError, MissingExtraError
+from ..audit_data import InputSpec, open_data, parse_shape
+from ..errors import ConfigError, MissingExtraError, NeuronwatchError
 from ..report import Report
-from .check import budget_options, enforce_budget
-from .options import console, domain_errors, quiet_option
+from .check import BadInput, budget_options, enforce_budget
+from .options import console, quiet_option
 
 __all__ = ["audit"]
 
 PROVIDERS = ("auto", "cuda", "cpu")
 REPORT_FILES = ("report.json", "report.npz")
+DEFAULT_BATCH = 32
 
 
 @contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that replaces it when the block succeeds."""
+def _bad_input() -> Iterator[None]:
+    """neuronwatch's errors as one line on stderr and exit code 2 (``check``'s bad input), so
+    a CI step tells a misconfigured gate from a model over budget (1)."""
+    try:
+        yield
+    except NeuronwatchError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` the audit could not fill without touching something else: a file,
+    or a directory holding things but no report. Checked before the audit runs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILES[0]).is_file():
         raise ConfigError(
             f"--out {out} exists and holds something other than a report; pass a new or an "
-            "empty directory, or an earlier audit's"
+            "empty directory, or an earlier audit's (only the audit's own files are replaced "
+            "there)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.audit-", dir=out.parent))
+
+
+def _save(report: Report, out: Path) -> list[Path]:
+    """``report.json`` and ``report.npz`` into ``out`` (replaced together, atomically); a
+    directory this call created is removed again when the save fails."""
+    created = not out.exists()
     try:
-        yield staging
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / "previous")
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        report.save(out)
+    except BaseException as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write the report into --out {out}: {exc}") from exc
+        raise
+    return [out / name for name in REPORT_FILES]
 
 
-def _write(report: Report, directory: Path) -> list[Path]:
-    report.save(directory)
-    written = [directory / name for name in REPORT_FILES]
-    from ..plots import write_plots  # matplotlib: only when writing
+def _plots(report: Report, out: Path) -> list[Path]:
+    """The plots and ``index.html`` beside the report; when they cannot be made the report is
+    kept, one line on stderr says why, and a previous audit's plots (which would show another
+    report) are removed."""
+    from ..plots import HTML_NAME, VIEWS, write_plots  # matplotlib only inside write_plots
 
-    return written + write_plots(report, directory)
+    try:
+        return write_plots(report, out)
+    except Exception as exc:  # the report is safe on disk: never lose it to a plot
+        reason = str(exc) if isinstance(exc, NeuronwatchError) else f"{type(exc).__name__}: {exc}"
+        stale = [out / name for name in (*(v.file for v in VIEWS), HTML_NAME)]
+        removed = False
+        for path in stale:
+            if path.is_file():
+                path.unlink()
+                removed = True
+        note = "; the previous audit's plots were removed" if removed else ""
+        click.echo(
+            f"warning: plots skipped ({reason}); the report is saved: draw them later with "
+            f"neuronwatch plot {out}{note}",
+            err=True,
+        )
+        return []
+
+
+def _batch_size(batch: int | None, fixed: int | None) -> int:
+    """``--batch``, or the batch size the model fixes (which ``--batch`` may only repeat)."""
+    if fixed is None:
+        return DEFAULT_BATCH if batch is None else batch
+    if batch is not None and batch != fixed:
+        raise ConfigError(
+            f"--batch {batch}: the model takes batches of exactly {fixed} samples (its inputs "
+            f"fix axis 0); pass --batch {fixed}, or leave --batch out"
+        )
+    return fixed
+
+
+def _check_mask(ctx: click.Context, mask: str, inputs: Sequence[InputSpec]) -> None:
+    """An explicit ``--mask`` must name a model input (a typo would count pad positions
+    silently); the default ``attention_mask`` is used only when the model has it."""
+    source = ctx.get_parameter_source("mask")
+    if source is click.core.ParameterSource.DEFAULT or not mask:
+        return
+    if mask not in {spec.name for spec in inputs}:
+        raise ConfigError(
+            f"--mask {mask!r}: the model has no input of that name; its inputs: "
+            f"{', '.join(spec.describe() for spec in inputs)}; pass --mask '' to count every row"
+        )
 
 
 def _adapter() -> Any:
@@ -97,8 +158,8 @@ def _adapter() -> Any:
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
     help="Directory for report.json, report.npz, the plots and index.html.",
 )  # fmt: skip
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples per run.")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Samples per run. [default: 32, or the batch size the model fixes]")  # fmt: skip
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
               help="auto: CUDA when it works, else CPU.")  # fmt: skip
 @click.option(
@@ -131,7 +192,7 @@ def audit(
     random_samples: int | None,
     shapes: tuple[str, ...],
     out: Path,
-    batch: int,
+    batch: int | None,
     provider: str,
     threshold: float | None,
     min_rows: int | None,
@@ -153,9 +214,12 @@ def audit(
       neuronwatch audit model.onnx --data batches.npz --pre --out audit-pre/   (for lift)
     """
     screen = console()
-    with domain_errors():
+    with _bad_input():
         if shapes and random_samples is None:
             raise ConfigError("--shape only applies with --random N")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ConfigError(f"--threshold must be finite, got {threshold}")
+        _check_out(out)
         adapter = _adapter()
         settings: dict[str, Any] = {}
         if threshold is not None:
@@ -173,6 +237,7 @@ def audit(
             strict=True,
             **settings,
         )
+        _check_mask(ctx, mask, session.plan.inputs)
         source = open_data(
             data,
             session.plan.inputs,
@@ -181,15 +246,23 @@ def audit(
             seed=seed,
             mask=mask or None,
         )
+        batch = _batch_size(batch, source.fixed)
+        fixed = " (the model's fixed batch size)" if source.fixed is not None else ""
         screen.print(
             f"{model}: {len(session.plan.layers)} layers on {session.get_providers()[0]}; "
-            f"data {source.where}, batches of {batch}",
+            f"data {source.where}, batches of {batch}{fixed}",
             soft_wrap=True,
         )
-        with _progress(screen, source.samples, quiet) as advance:
+        with _progress(screen, source.runnable, quiet) as advance:
             report = adapter.audit(model, source.batches(batch), session=session, on_batch=advance)
-        with _staging(out) as staging:
-            written = _write(report, staging)
+        if source.left_out:
+            screen.print(
+                f"left out the last {source.left_out} samples: the model takes batches of "
+                f"exactly {batch}",
+                soft_wrap=True,
+            )
+        written = _save(report, out)
+    written += _plots(report, out)
     screen.print(
         f"wrote {out} ({', '.join(p.name for p in written)}); see it with: neuronwatch show {out}",
         soft_wrap=True,
@@ -206,7 +279,8 @@ def audit(
 
 @contextmanager
 def _progress(screen: Any, total: int | None, quiet: bool) -> Iterator[Any]:
-    """A progress bar counting samples (rows of the data) with their rate."""
+    """A progress bar counting samples (axis 0 of the data; a sample holds many rows when
+    it has tokens or pixels) with their rate."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -221,7 +295,7 @@ def _progress(screen: Any, total: int | None, quiet: bool) -> Iterator[Any]:
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} rows/s"),
+        TextColumn("{task.fields[rate]} samples/s"),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=screen, disable=quiet, transient=False) as progress:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..errors import NeuronwatchError
 from ..report import Report
-from .options import console, domain_errors, report_directory
+from .check import BadInput
+from .options import console, report_directory
 
 __all__ = ["plot"]
 
@@ -31,11 +33,14 @@ def plot(directory: Path, out: Path | None) -> None:
     index.html            all of them with the per-layer table
     Needs: pip install 'neuronwatch[plots]'.
     """
-    with domain_errors():
+    # Exit 2 on bad input (an unreadable report, an unwritable --out), as check and audit do.
+    try:
         from ..plots import write_plots
 
         report = Report.load(directory)
         written = write_plots(report, directory if out is None else out)
+    except NeuronwatchError as exc:
+        raise BadInput(str(exc)) from exc
     screen = console()
     for path in written:
         screen.print(f"wrote {path}", soft_wrap=True)

@@ -15,7 +15,7 @@ from onnx_fixtures import DEAD, MLP, Encoder, encoder_batches, export
 from neuronwatch import Report
 from neuronwatch.cli.audit import audit
 from neuronwatch.cli.rescue import rescue
-from neuronwatch.errors import ConfigError
+from neuronwatch.errors import MissingExtraError
 
 
 def invoke(*args: str | Path) -> Result:
@@ -44,7 +44,7 @@ def test_audit_writes_report_plots_and_page(mlp_file: Path, data: Path, tmp_path
     assert result.exit_code == 0, result.output
     assert "on CPUExecutionProvider" in result.output
     assert "300/300" in result.output
-    assert "rows/s" in result.output
+    assert "samples/s" in result.output
     assert {"report.json", "report.npz", "index.html"} <= {p.name for p in out.iterdir()}
     assert len(list(out.glob("*.png"))) >= 3
     report = Report.load(out)
@@ -210,17 +210,29 @@ def test_an_opset_newer_than_onnx_runtime_reads(data: Path, tmp_path: Path) -> N
     )
 
 
-def test_a_failure_while_writing_leaves_nothing_behind(
+def test_a_plot_failure_keeps_the_report_and_says_so(
     mlp_file: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Defect 4 (no matplotlib, or any plot failure): the audit's report is never lost to a plot;
+    # one line says why, and stale plots of an earlier audit are removed (they would lie).
     import neuronwatch.plots
 
+    out = tmp_path / "out"
+    assert invoke(mlp_file, "--data", data, "--out", out, "--quiet").exit_code == 0
+    assert (out / "index.html").is_file()
+
     def broken(report: Report, directory: Path) -> list[Path]:
-        raise ConfigError("plots failed")
+        raise MissingExtraError("matplotlib", "plots")
 
     monkeypatch.setattr(neuronwatch.plots, "write_plots", broken)
-    out = tmp_path / "out"
-    _one_line_error(invoke(mlp_file, "--data", data, "--out", out), "plots failed", out)
+    result = invoke(mlp_file, "--data", data, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert "plots skipped" in warnings[0]
+    assert "matplotlib" in warnings[0]
+    assert Report.load(out).layers["act"].rows == 300
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.npz"]
 
 
 def test_a_failed_audit_keeps_the_previous_report(
@@ -238,3 +250,82 @@ def test_a_failed_audit_keeps_the_previous_report(
     assert result.exit_code != 0
     assert "holds something other than a report" in result.output
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+
+
+# -- hostile use (issue 6's audit) ------------------------------------------------------------
+
+
+def _fixed_batch_model(path: Path, batch: int) -> Path:
+    """``y = relu(x)`` whose input fixes the batch axis (exported without dynamic axes)."""
+    built = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 8])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 8])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    built.ir_version = 8
+    onnx.save(built, str(path))
+    return path
+
+
+def test_an_audit_never_touches_files_it_did_not_write(
+    mlp_file: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "runs" / "exp1"
+    assert invoke(mlp_file, "--data", data, "--out", run, "--quiet").exit_code == 0
+    (run / "checkpoint.pt").write_text("precious weights")
+    (run / "logs").mkdir()
+    (run / "logs" / "train.log").write_text("log")
+    again = invoke(mlp_file, "--data", data, "--out", run, "--quiet")
+    assert again.exit_code == 0, again.output
+    assert (run / "checkpoint.pt").read_text() == "precious weights"
+    assert (run / "logs" / "train.log").read_text() == "log"
+    assert (run / "index.html").is_file()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["exp1"]
+    # --out . in an empty working directory: written in place, nothing renamed away.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    dot = invoke(mlp_file, "--data", data, "--out", ".", "--quiet")
+    assert dot.exit_code == 0, dot.output
+    assert {"report.json", "report.npz", "index.html"} <= {p.name for p in here.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "here", "runs"]
+
+
+def test_bad_input_exits_2_and_over_budget_exits_1(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    (tmp_path / "text.onnx").write_text("hello")
+    for args in (
+        (tmp_path / "text.onnx", "--data", data),
+        (mlp_file, "--data", data, "--threshold", "nan"),
+        (mlp_file, "--random", "4", "--shape", "x=8", "--mask", "attn_mask"),
+    ):
+        result = invoke(*args, "--out", out)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists()
+    typo = invoke(mlp_file, "--data", data, "--out", out, "--mask", "attn_mask")
+    assert "--mask 'attn_mask': the model has no input of that name; its inputs: x" in typo.stderr
+    over = invoke(mlp_file, "--data", data, "--out", out, "--max-dead-ratio", "0.01", "--quiet")
+    assert over.exit_code == 1
+
+
+def test_a_fixed_batch_model_runs_whole_batches_and_counts_them(tmp_path: Path) -> None:
+    model = _fixed_batch_model(tmp_path / "fixed.onnx", 4)
+    np.savez(tmp_path / "d.npz", x=np.ones((10, 8), np.float32))
+    out = tmp_path / "out"
+    result = invoke(model, "--data", tmp_path / "d.npz", "--out", out, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "batches of 4 (the model's fixed batch size)" in result.output
+    assert "8/8" in result.output
+    assert "samples/s" in result.output
+    assert "left out the last 2 samples" in result.output
+    assert Report.load(out).layers["act"].rows == 8
+    wrong = invoke(model, "--data", tmp_path / "d.npz", "--out", out, "--batch", "5")
+    assert wrong.exit_code == 2
+    assert "pass --batch 4" in wrong.stderr

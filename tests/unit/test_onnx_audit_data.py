@@ -120,3 +120,67 @@ def test_parse_shape() -> None:
     for bad in ("x", "x=", "x=a,b", "=3", "x=0"):
         with pytest.raises(ConfigError, match="expected INPUT=DIMS"):
             parse_shape(bad)
+
+
+# -- hostile data (issue 6's audit) ---------------------------------------------------------
+
+
+def test_shards_padded_to_different_lengths_run_without_a_concat_crash(tmp_path: Path) -> None:
+    # Each shard padded to its own longest sequence: leftovers of one shard cannot be glued
+    # to the next; they run as a batch of their own and every sample is still seen once.
+    for i, tokens in enumerate((5, 9, 7)):
+        np.savez(
+            tmp_path / f"{i}.npz",
+            input_ids=np.full((3, tokens), i),
+            attention_mask=np.ones((3, tokens), np.int64),
+        )
+    batches = list(open_data(tmp_path, TOKENS).batches(2))
+    assert [b["input_ids"].shape for b in batches] == [
+        (2, 5), (1, 5), (2, 9), (1, 9), (2, 7), (1, 7),
+    ]  # fmt: skip
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == 3 * (5 + 9 + 7)
+
+
+def test_object_arrays_and_damaged_npz_are_one_line_errors_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    np.savez(tmp_path / "obj.npz", x=np.array([np.zeros((3, 4)), None], dtype=object))
+    with pytest.raises(ConfigError, match=r"obj\.npz: cannot read array 'x' .*numeric array"):
+        open_data(tmp_path / "obj.npz", IMAGE)
+    np.savez(tmp_path / "crc.npz", x=np.zeros((8, 3, 4), np.float32))
+    raw = bytearray((tmp_path / "crc.npz").read_bytes())
+    at = raw.index(bytes(8 * 3 * 4 * 4)) + 100  # inside the stored array's data
+    raw[at] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=r"crc\.npz: cannot read array 'x' .*damaged"):
+        open_data(tmp_path / "crc.npz", IMAGE)
+    # An unreadable array the model does not take (labels) is never read.
+    np.savez(tmp_path / "extra.npz", x=np.zeros((2, 3, 4)), labels=np.array([None], object))
+    assert open_data(tmp_path / "extra.npz", IMAGE).samples == 2
+
+
+def test_a_model_with_a_fixed_batch_size_gets_exactly_that_many_samples(tmp_path: Path) -> None:
+    fixed = [InputSpec("x", "float32", (4, 3, 4))]
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 3, 4), np.float32))
+    source = open_data(tmp_path / "d.npz", fixed)
+    assert (source.fixed, source.runnable) == (4, 8)
+    assert [len(b["x"]) for b in source.batches(4)] == [4, 4]
+    assert source.left_out == 2
+    with pytest.raises(ConfigError, match="exactly 4 samples"):
+        list(source.batches(3))
+    np.savez(tmp_path / "few.npz", x=np.zeros((3, 3, 4), np.float32))
+    with pytest.raises(ConfigError, match="do not fill one batch of 4"):
+        list(open_data(tmp_path / "few.npz", fixed).batches(4))
+    one = [InputSpec("x", "float32", (1, 3, 4))]
+    assert [len(b["x"]) for b in open_data(None, one, random=3).batches(1)] == [1, 1, 1]
+
+
+def test_random_inputs_sharing_a_dynamic_dim_take_one_size() -> None:
+    source = open_data(None, TOKENS, random=3, shapes={"input_ids": (6,)})
+    batch = next(source.batches(3))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 6)
+    with pytest.raises(ConfigError, match="dimension 'tokens' 7, but --shape input_ids makes it 6"):
+        open_data(None, TOKENS, random=3, shapes={"input_ids": (6,), "attention_mask": (7,)})
+    huge = open_data(None, TOKENS, random=3, shapes={"input_ids": (10**11,)})
+    with pytest.raises(ConfigError, match="does not fit in memory"):
+        next(huge.batches(3))

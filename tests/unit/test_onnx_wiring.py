@@ -160,3 +160,101 @@ def test_pre_layers_watch_the_activation_input() -> None:
     the_plan, engine = plan(mlp(), pre=True)
     assert [(n.name, n.kind) for n in the_plan.layers] == [("act", "post"), ("act:pre", "pre")]
     assert engine.config("act:pre").family == "generic"
+
+
+# -- hostile graphs (issue 6's audit) ---------------------------------------------------------
+
+
+def test_wiring_walks_through_a_functional_activation_as_the_torch_adapter_does() -> None:
+    # Block b calls F.relu(b.fc(x)); module act (GELU) follows. torch's wiring of act names
+    # b.fc as its producer (a functional activation passes neurons through); so must ONNX's.
+    rng = np.random.default_rng(0)
+    inits = [
+        init("b.fc.weight", rng.standard_normal((6, 4)).astype(np.float32)),
+        init("b.fc.bias", np.zeros(6, np.float32)),
+        init("out.weight", rng.standard_normal((2, 6)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node(
+            "Gemm", ["x", "b.fc.weight", "b.fc.bias"], ["h"], name="/b/fc/Gemm", transB=1
+        ),
+        helper.make_node("Relu", ["h"], ["/b/Relu_output_0"], name="/b/Relu"),
+        helper.make_node(
+            "Gelu",
+            ["/b/Relu_output_0"],
+            ["/act/Gelu_output_0"],
+            name="/act/Gelu",
+            domain="com.microsoft",
+        ),
+        helper.make_node(
+            "Gemm", ["/act/Gelu_output_0", "out.weight"], ["y"], name="/out/Gemm", transB=1
+        ),
+    ]
+    built = model(nodes, [tensor("x", FLOAT, ["b", 4])], [tensor("y", FLOAT, None)], inits, ms=True)
+    _the_plan, engine = plan(built)
+    wirings = engine.snapshot().wiring
+    assert list(wirings) == ["b.relu", "act"]
+    act = wirings["act"]
+    assert (act.producer, act.consumer) == ("b.fc", "out")
+    assert act.produces == (
+        ParamRef("b.fc.weight", (6, 4), 0),
+        ParamRef("b.fc.bias", (6,), 0),
+    )
+
+
+def test_ort_fused_graphs_keep_module_names_and_producers() -> None:
+    # ONNX Runtime's optimiser fuses Gemm + activation and names the node after the Gemm
+    # ("fused /fc/Gemm"), dropping the dynamo exporter's scopes: the layer keeps the
+    # activation's own name (its output) and the producer is read from the parameters.
+    rng = np.random.default_rng(0)
+    inits = [
+        init("fc.weight", rng.standard_normal((6, 4)).astype(np.float32)),
+        init("fc.bias", np.zeros(6, np.float32)),
+        init("head.weight", rng.standard_normal((3, 6)).astype(np.float32)),
+        init("head.bias", np.zeros(3, np.float32)),
+    ]
+
+    def fused(name: str, inputs: list[str], output: str, act: str) -> onnx.NodeProto:
+        return helper.make_node(
+            "FusedGemm",
+            inputs,
+            [output],
+            name=name,
+            domain="com.microsoft",
+            transB=1,
+            activation=act,
+        )
+
+    legacy = model(
+        [
+            fused("fused /fc/Gemm", ["x", "fc.weight", "fc.bias"], "/relu/Relu_output_0", "Relu"),
+            fused(
+                "fused /head/Gemm",
+                ["/relu/Relu_output_0", "head.weight", "head.bias"],
+                "y",
+                "Sigmoid",
+            ),
+        ],
+        [tensor("x", FLOAT, ["b", 4])],
+        [tensor("y", FLOAT, None)],
+        inits,
+        ms=True,
+    )
+    dynamo = model(
+        [
+            fused("fused node_linear", ["x", "fc.weight", "fc.bias"], "relu", "Relu"),
+            fused("fused node_linear_1", ["relu", "head.weight", "head.bias"], "y", "Sigmoid"),
+        ],
+        [tensor("x", FLOAT, ["b", 4])],
+        [tensor("y", FLOAT, None)],
+        inits,
+        ms=True,
+    )
+    for built in (legacy, dynamo):
+        _the_plan, engine = plan(built)
+        wirings = engine.snapshot().wiring
+        assert list(wirings) == ["relu", "y"]
+        assert [(w.producer, w.consumer) for w in wirings.values()] == [
+            ("fc", "head"),
+            ("head", None),
+        ]

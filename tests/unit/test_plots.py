@@ -293,3 +293,50 @@ def test_importing_plots_gate_and_their_commands_loads_no_matplotlib() -> None:
     # The control: writing plots does load it.
     done = _run("import sys, neuronwatch.plot_figures\nprint('matplotlib' in sys.modules)")
     assert done.stdout.strip() == "True"
+
+
+def _deep_report(layers: int) -> Report:
+    """``layers`` ReLU layers of 50 neurons; layer i has i % 50 neurons that never fire."""
+    engine = neuronwatch.Engine("deep", min_rows=10)
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        name = f"blocks.{i}.act"
+        values = np.abs(rng.standard_normal((20, 50))) + 0.1
+        values[:, : i % 50] = 0.0
+        engine.add_layer(name, "ReLU")
+        engine.observe(name, values)
+    return Report.from_snapshot(engine.snapshot())
+
+
+def test_many_layers_give_bounded_readable_figures(tmp_path: Path) -> None:
+    # A 120-layer model: one matrix per view, a row per layer, within 30 x 30 inches.
+    report = _deep_report(120)
+    for path in write_plots(report, tmp_path)[:-1]:
+        height, width = imread(path).shape[:2]
+        assert max(height, width) <= 3000, (path.name, width, height)
+    frequency = figures.firing_frequency(report).axes[0].images[0].get_array()
+    assert frequency.shape == (120, 128)
+    # Layer 7: 7 of 50 neurons never fire, sorted first: the row starts with zeros.
+    row = np.asarray(frequency[7])
+    assert (row[: int(128 * 7 / 50)] == 0).all()
+    assert (row[int(128 * 8 / 50) :] > 0).all()
+    strips = plot_layer_map.layer_map(report).axes[0].images[0].get_array()
+    # Index 0 is dead, drawn first: 0, 10 and 49 of 50 neurons -> 0, 20 and 98 of 100 columns.
+    assert [int((np.asarray(strips[i]) == 0).sum()) for i in (0, 10, 49)] == [0, 20, 98]
+    histogram = figures.histograms(report).axes[0].images[0].get_array()
+    assert histogram.shape[0] == 120
+    np.testing.assert_allclose(np.nansum(histogram, axis=1), 1.0)
+
+
+def test_the_page_header_flattens_meta_instead_of_printing_a_dict() -> None:
+    import dataclasses
+
+    meta = {
+        "run": "audit",
+        "onnx": {"provider": "CPUExecutionProvider", "sites": ["a", "b", "c"], "none": {}},
+        "empty": [],
+        "skipped": None,
+    }
+    html = render_page(dataclasses.replace(planted_report(), meta=meta), [])
+    header = html.split('<p class="meta">')[2].split("</p>")[0]
+    assert header == "run=audit · onnx.provider=CPUExecutionProvider · onnx.sites=3 entries"

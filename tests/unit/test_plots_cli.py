@@ -43,9 +43,22 @@ def test_plot_of_a_broken_report_is_one_line_and_writes_nothing(tmp_path: Path) 
 
     result = CliRunner().invoke(plot, [str(report_dir), "--out", str(tmp_path / "site")])
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"Error: {report_dir / 'report.npz'} does not belong to the report.json beside it (its "
         "checksum differs): the two files come from different saves; save the report again"
     ]
     assert not (tmp_path / "site").exists()
+
+
+def test_an_unwritable_out_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    report_dir = planted_report(pre=False).save(tmp_path / "report")
+    (tmp_path / "file").write_text("not a directory")
+
+    result = CliRunner().invoke(plot, [str(report_dir), "--out", str(tmp_path / "file" / "sub")])
+
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot write the plots into {tmp_path / 'file' / 'sub'}: Not a directory; pass "
+        "a directory that can be created and written"
+    ]
