@@ -107,21 +107,33 @@ def measure(command: list[str]) -> tuple[float, int]:
 
 
 def paired(
-    ours: list[str], baselines: dict[str, list[str]], runs: int, clean: list[Path]
+    ours: list[str],
+    baselines: dict[str, list[str]],
+    runs: int,
+    clean: list[Path],
+    copies: list[Path],
 ) -> dict[str, float]:
     """Median of ``ours`` / each baseline over ``runs`` rounds run in turn (after one warm-up
     round), and medians of ours' time and peak RSS."""
     times: list[float] = []
     rss: list[int] = []
     ratios: dict[str, list[float]] = {name: [] for name in baselines}
-    for index in range(runs + 1):  # the first round warms the page cache and is not counted
-        for path in clean:
+    def fresh(paths: list[Path]) -> None:
+        # Every command writes a new file, and none pays for the previous one's writeback:
+        # its output is deleted and the disk is synced before it (without this, a `cp` right
+        # after another command's 1 GiB measured 5x slower than a `cp` on a quiet disk).
+        for path in paths:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+        os.sync()
+
+    for index in range(runs + 1):  # the first round warms the page cache and is not counted
+        fresh(clean)
         ours_time, ours_rss = measure(ours)
         for name, command in baselines.items():
+            fresh(copies)
             base_time, _ = measure(command)
             if index:
                 ratios[name].append(ours_time / base_time)
@@ -163,7 +175,7 @@ def bench_checkpoint(args: argparse.Namespace) -> None:
             out = folder / f"{op}.safetensors"
             manifest = folder / f"{op}.safetensors.manifest.json"
             ours = [*cli, op, str(path), "--report", str(report), "--out", str(out)]
-            result = paired(ours, baselines, args.runs, [out, manifest, copy])
+            result = paired(ours, baselines, args.runs, [out, manifest, copy], [copy])
             mib = 2**20
             print(
                 f"{op:6s} time {result['cp']:.2f}x cp, {result['cp+sync']:.2f}x cp+sync "

@@ -11,7 +11,7 @@ ONNX with torch's (dynamo) exporter, audit the ONNX file (pad rows left out in-g
 same batches through ``neuronwatch.watch(model)`` (which reads ``attention_mask`` from the
 forward's keyword arguments), and print both per-layer tables side by side::
 
-    python examples/onnx_minilm.py --out minilm-audit      # then open minilm-audit/index.html
+    python examples/onnx_minilm.py --out minilm-audit   # then open minilm-audit/report/index.html
 """
 
 from __future__ import annotations
