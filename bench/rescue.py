@@ -118,6 +118,7 @@ def paired(
     times: list[float] = []
     rss: list[int] = []
     ratios: dict[str, list[float]] = {name: [] for name in baselines}
+
     def fresh(paths: list[Path]) -> None:
         # Every command writes a new file, and none pays for the previous one's writeback:
         # its output is deleted and the disk is synced before it (without this, a `cp` right
