@@ -28,13 +28,14 @@ import click
 from ..audit_data import InputSpec, open_data, parse_shape
 from ..errors import ConfigError, MissingExtraError, NeuronwatchError
 from ..report import Report
-from .check import BadInput, budget_options, enforce_budget
+from ..report_files import JSON_NAME, NPZ_NAME
+from .check import BadInput, budget_options, check_summary_target, enforce_budget
 from .options import console, quiet_option
 
 __all__ = ["audit"]
 
 PROVIDERS = ("auto", "cuda", "cpu")
-REPORT_FILES = ("report.json", "report.npz")
+REPORT_FILES = (JSON_NAME, NPZ_NAME)
 DEFAULT_BATCH = 32
 
 
@@ -50,15 +51,32 @@ def _bad_input() -> Iterator[None]:
 
 def _check_out(out: Path) -> None:
     """Refuse an ``--out`` the audit could not fill without touching something else: a file,
-    or a directory holding things but no report. Checked before the audit runs."""
+    or a directory holding things but no neuronwatch report (a ``report.json`` of another
+    tool is not one). Checked before the audit runs."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILES[0]).is_file():
+    if out.is_dir() and any(out.iterdir()) and not _holds_a_report(out):
         raise ConfigError(
-            f"--out {out} exists and holds something other than a report; pass a new or an "
-            "empty directory, or an earlier audit's (only the audit's own files are replaced "
-            "there)"
+            f"--out {out} exists and holds something other than a neuronwatch report; pass a "
+            "new or an empty directory, or an earlier audit's (only the audit's own files are "
+            "replaced there)"
         )
+
+
+def _holds_a_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report this neuronwatch wrote (it loads)."""
+    try:
+        Report.load(folder)
+    except NeuronwatchError:
+        return False
+    return True
+
+
+def _written_by_audit(out: Path) -> list[Path]:
+    """Every file the audit may write into ``out``."""
+    from ..plots import HTML_NAME, VIEWS
+
+    return [out / name for name in (*REPORT_FILES, HTML_NAME, *(view.file for view in VIEWS))]
 
 
 def _save(report: Report, out: Path) -> list[Path]:
@@ -220,6 +238,16 @@ def audit(
         if threshold is not None and not math.isfinite(threshold):
             raise ConfigError(f"--threshold must be finite, got {threshold}")
         _check_out(out)
+        protected = [model, *([] if data is None else [data]), *_written_by_audit(out)]
+        check_summary_target(budget["summary_json"], protected)
+        summary = budget["summary_json"]
+        if (
+            data is not None
+            and summary is not None
+            and data.is_dir()
+            and summary.resolve().is_relative_to(data.resolve())
+        ):
+            raise BadInput(f"--summary-json {summary} is inside --data {data}; pass another path")
         adapter = _adapter()
         settings: dict[str, Any] = {}
         if threshold is not None:

@@ -27,6 +27,7 @@ from ..config import KINDS
 from ..errors import NeuronwatchError
 from ..gate import DEFAULT_KINDS, Budget, GateResult, Offence, check_budget
 from ..report import Report
+from ..report_files import JSON_NAME, NPZ_NAME
 from ..states import State
 from .options import report_directory
 
@@ -185,6 +186,45 @@ def print_result(result: GateResult) -> None:
         )
 
 
+def check_summary_target(path: Path | None, protected: list[Path]) -> None:
+    """Refuse a ``--summary-json`` that would replace something that is not an earlier summary:
+    one of ``protected`` (the command's inputs and the files it writes, whether they exist yet
+    or not), anything that is not a regular file, or a file that is not a summary. Called
+    before any work, so nothing is lost and no time is wasted."""
+    if path is None:
+        return
+    target = path.resolve()
+    for other in protected:
+        if target == other.resolve() or (path.exists() and other.exists() and _same(path, other)):
+            raise BadInput(
+                f"--summary-json {path} is {other}, which this command reads or writes; "
+                "pass another path"
+            )
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_file():
+        raise BadInput(f"--summary-json {path} exists and is not a regular file; pass another path")
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInput(
+            f"--summary-json {path} exists and is not an earlier summary (not JSON: {exc}); "
+            "refusing to replace it, pass another path"
+        ) from exc
+    if not isinstance(earlier, dict) or not {"exit_code", "passed"} <= earlier.keys():
+        raise BadInput(
+            f"--summary-json {path} exists and is not an earlier summary; refusing to replace "
+            "it, pass another path"
+        )
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
 def write_summary(result: GateResult, path: Path, source: Path | None = None) -> None:
     summary = result.to_json()
     summary["exit_code"] = EXIT_PASSED if result.passed else EXIT_OVER_BUDGET
@@ -247,6 +287,7 @@ def check(ctx: click.Context, /, directory: Path, **budget: Any) -> None:
     if all(budget[name] is None for name in _BUDGET_FLAGS):
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in _BUDGET_FLAGS)
         raise click.UsageError(f"give at least one budget: {flags} (e.g. --max-dead-ratio 0.3)")
+    check_summary_target(budget["summary_json"], [directory / JSON_NAME, directory / NPZ_NAME])
     try:
         report = Report.load(directory)
     except NeuronwatchError as exc:

@@ -248,7 +248,7 @@ def test_a_failed_audit_keeps_the_previous_report(
     (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
     result = invoke(mlp_file, "--data", data, "--out", tmp_path / "elsewhere")
     assert result.exit_code != 0
-    assert "holds something other than a report" in result.output
+    assert "holds something other than a neuronwatch report" in result.output
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
 
 
@@ -313,6 +313,40 @@ def test_bad_input_exits_2_and_over_budget_exits_1(
     assert "--mask 'attn_mask': the model has no input of that name; its inputs: x" in typo.stderr
     over = invoke(mlp_file, "--data", data, "--out", out, "--max-dead-ratio", "0.01", "--quiet")
     assert over.exit_code == 1
+
+
+def test_summary_json_never_overwrites_the_model_the_data_or_the_report(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    model_bytes, data_bytes = mlp_file.read_bytes(), data.read_bytes()
+    out = tmp_path / "out"
+    for target in (mlp_file, data, out / "report.json", out / "index.html"):
+        result = invoke(mlp_file, "--data", data, "--out", out, "--summary-json", target)
+        assert result.exit_code == 2, (target, result.output)
+        assert "--summary-json" in result.stderr
+        assert not out.exists()
+    assert mlp_file.read_bytes() == model_bytes
+    assert data.read_bytes() == data_bytes
+    # An earlier summary is replaced; anything else at that path is not.
+    summary = tmp_path / "gate.json"
+    first = invoke(mlp_file, "--data", data, "--out", out, "--summary-json", summary, "--quiet")
+    assert first.exit_code == 0, first.output
+    again = invoke(mlp_file, "--data", data, "--out", out, "--summary-json", summary, "--quiet")
+    assert again.exit_code == 0, again.output
+
+
+def test_a_folder_with_another_tools_report_json_is_not_an_earlier_audit(
+    mlp_file: Path, data: Path, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "report.json").write_text('{"tests": 3, "passed": 3}')
+    (site / "index.html").write_text("<p>my page</p>")
+    result = invoke(mlp_file, "--data", data, "--out", site, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "holds something other than a neuronwatch report" in result.stderr
+    assert (site / "report.json").read_text() == '{"tests": 3, "passed": 3}'
+    assert (site / "index.html").read_text() == "<p>my page</p>"
 
 
 def test_a_fixed_batch_model_runs_whole_batches_and_counts_them(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,21 @@ def test_budget_options_and_enforce_budget_compose_into_another_command(
     assert ungated.exit_code == EXIT_PASSED
     assert ungated.output == ""
     assert json.loads(path.read_text())["budgets"] == {}
+
+
+def test_summary_json_never_replaces_the_report_or_a_file_that_is_not_a_summary(
+    report_dir: Path, tmp_path: Path
+) -> None:
+    before = {p.name: p.read_bytes() for p in report_dir.iterdir()}
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (report_dir / "report.json", report_dir / "report.npz", notes, fifo):
+        result = run(report_dir, "--max-dead-ratio", "0.5", "--summary-json", target)
+        assert result.exit_code == EXIT_BAD_INPUT, (target, result.output)
+        assert "--summary-json" in result.output
+    assert {p.name: p.read_bytes() for p in report_dir.iterdir()} == before
+    assert notes.read_text() == '{"mine": true}'
+    assert fifo.exists()
+    assert not fifo.is_file()
