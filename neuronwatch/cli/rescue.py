@@ -84,7 +84,9 @@ def _terminated_like_interrupted() -> Iterator[None]:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Report directory (report.json + report.npz) whose wiring names the tensors.",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="New checkpoint (file or folder).")
+# --out and --manifest stay strings as typed: Path("new/") drops the slash that says a folder
+# was meant, and rescue refuses that spelling for a file instead of writing a file "new".
+@click.option("--out", type=click.Path(), help="New checkpoint (file or folder).")
 @click.option("--layers", multiple=True, help="Layer globs (swap: ONNX node/output globs).")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option(
@@ -114,7 +116,13 @@ def _terminated_like_interrupted() -> Iterator[None]:
     "--approximate", type=click.Choice(["none", "tanh"]), default="none", help="swap to gelu."
 )
 @click.option("--state-dict-key", help="PyTorch file: dotted key of the state_dict to edit.")
-@click.option("--manifest", type=click.Path(path_type=Path), help="Default: NEW.manifest.json")
+@click.option(
+    "--trust-optimizer-order",
+    is_flag=True,
+    help="PyTorch file: its optimizer was built from model.parameters() (the state_dict's "
+    "order), so reset moments by that order even where shapes cannot verify it.",
+)
+@click.option("--manifest", type=click.Path(), help="Default: NEW.manifest.json")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def rescue(
@@ -123,11 +131,11 @@ def rescue(
     op: str,
     checkpoint: Path,
     report_dir: Path | None,
-    out: Path | None,
+    out: str | None,
     layers: tuple[str, ...],
     dry_run: bool,
     as_json: bool,
-    manifest: Path | None,
+    manifest: str | None,
     **options: Any,
 ) -> None:
     """Fix CHECKPOINT offline: strip, reinit, prune, lift (driven by a report) or swap.
@@ -156,6 +164,7 @@ def rescue(
                 options.pop(name)
             options["top"] = options["top"] / 100.0
             state_key = options.pop("state_dict_key")
+            trust_order = options.pop("trust_optimizer_order")
             result = run(
                 op,
                 checkpoint,
@@ -165,6 +174,7 @@ def rescue(
                 dry_run=dry_run,
                 manifest=manifest,
                 state_key=state_key,
+                trust_optimizer_order=trust_order,
                 **options,
             )
     if as_json:
@@ -174,16 +184,16 @@ def rescue(
     for line in result.lines():
         click.echo(line)
     if not dry_run and out is not None:
-        written = manifest or out.with_name(out.name + ".manifest.json")
+        written = manifest or f"{Path(out).with_name(Path(out).name + '.manifest.json')}"
         click.echo(f"manifest: {written}")
 
 
 def _swap(
     checkpoint: Path,
-    out: Path | None,
+    out: str | None,
     layers: tuple[str, ...],
     dry_run: bool,
-    manifest: Path | None,
+    manifest: str | None,
     options: dict[str, Any],
 ) -> Any:
     if checkpoint.suffix != ".onnx":

@@ -2,10 +2,11 @@
 
 Written beside the output as ``<output>.manifest.json`` (and printed by ``--dry-run`` before
 anything is written). It holds the op and its parameters, the report it followed, the input and
-output files with their SHA-256, per layer the neurons acted on (and, for prune, the new width
-and the constant folded per removed neuron), per tensor every action with its axis and indices
-(strip lists the exact entries it zeroed), what was skipped and why (wiring not editable, a
-neuron whose output is not constant), and format notes (the optimizer moments reset).
+output files with their BLAKE3 checksum (:data:`~.checkpoint.CHECKSUM`), per layer the neurons
+acted on (and, for prune, the new width and the constant folded per removed neuron), per tensor
+every action with its axis and indices (strip lists the exact entries it zeroed), what was
+skipped and why (wiring not editable, a neuron whose output is not constant), and format notes
+(the optimizer moments reset).
 """
 
 from __future__ import annotations

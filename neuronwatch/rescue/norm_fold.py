@@ -10,21 +10,27 @@ Only a norm with running statistics (BatchNorm in eval mode) passes a per-channe
 LayerNorm or GroupNorm output depends on the other neurons, and nothing is folded through it.
 ``eps`` is not saved in a state_dict: torch's default ``1e-5`` is used, and only where any
 ``eps`` from ``1e-6`` to ``1e-3`` gives the same outputs within :data:`TOLERANCE`.
+
+A norm without weight and bias (``BatchNorm1d(affine=False)``) has no parameters, so the wiring
+cannot list it; only its running statistics in the checkpoint show it exists, not where it
+sits. :func:`unplaced_statistics` finds such statistics; reinit and prune skip a layer of their
+width (they might sit between its neurons and the consumer), since acting would change the
+outputs or leave statistics of the old width that no longer load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
-from ..wiring import ParamRef
+from ..wiring import ParamRef, Wiring
 from .checkpoint import TensorInfo
 from .dtypes import EDITABLE
 from .options import role
 
-__all__ = ["EPS", "TOLERANCE", "norm_outputs"]
+__all__ = ["EPS", "TOLERANCE", "norm_outputs", "unplaced_statistics"]
 
 EPS = 1e-5  # torch's BatchNorm default
 EPS_RANGE = (1e-6, 1e-3)  # the defaults in use (torch 1e-5, Keras/TF 1e-3) and around
@@ -91,3 +97,24 @@ def norm_outputs(
     spread = np.maximum(low, high)
     spread[~np.isfinite(spread)] = np.inf
     return assumed, spread
+
+
+_STATISTICS = ("running_mean", "running_var")
+
+
+def unplaced_statistics(
+    wirings: Iterable[Wiring], tensors: Mapping[str, TensorInfo]
+) -> dict[int, list[str]]:
+    """Width -> the modules (name prefixes) holding running statistics of that width that no
+    wiring places: no wired parameter shares their prefix (a BatchNorm with weight and bias is
+    wired through those; one without them is not)."""
+    placed = {ref.name.rsplit(".", 1)[0] for w in wirings for ref in (*w.produces, *w.consumes)}
+    found: dict[int, list[str]] = {}
+    for name, info in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf not in _STATISTICS or len(info.shape) != 1 or prefix in placed:
+            continue
+        modules = found.setdefault(info.shape[0], [])
+        if prefix not in modules:
+            modules.append(prefix)
+    return found

@@ -7,7 +7,9 @@ puts back whatever was there before. On any error every temporary file is remove
 
 Only our own temporary files and folders are ever deleted recursively. A user's path is replaced
 only when it is a file (or a symlink) or an empty folder; a folder with anything in it is refused
-before a byte is written, since replacing it would delete what the user keeps there.
+before a byte is written, since replacing it would delete what the user keeps there. A device
+node, FIFO or socket is never replaced (checked when staging and again when renaming). Folders
+made to hold an output are removed again (when empty) if the run fails.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import ConfigError
+from .paths import special_kind
 
 __all__ = ["Stage", "staged"]
 
@@ -41,7 +44,14 @@ def _drop_backup(path: Path) -> None:
 
 
 def _refuse_folder(target: Path, folder: bool) -> None:
-    """A file output never replaces a folder; a folder output only an empty one."""
+    """A file output never replaces a folder; a folder output only an empty one; no output
+    replaces a device node, FIFO or socket (nor a symlink to one)."""
+    special = special_kind(target)
+    if special is not None:
+        raise ConfigError(
+            f"{target} is {special}, not a regular file; refusing to replace it: choose "
+            "another path"
+        )
     if not target.is_dir() or target.is_symlink():
         return
     if not folder or any(target.iterdir()):
@@ -64,10 +74,21 @@ class Stage:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []  # folders made for the outputs, removed if nothing commits
+
+    def _parent(self, target: Path) -> None:
+        """Make ``target``'s folder, remembering each folder that did not exist before."""
+        missing = []
+        folder = target.parent
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._made.extend(missing)
 
     def file(self, target: Path) -> Path:
         _refuse_folder(target, folder=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._parent(target)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         self._pending.append((Path(name), target))
@@ -75,7 +96,7 @@ class Stage:
 
     def directory(self, target: Path) -> Path:
         _refuse_folder(target, folder=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._parent(target)
         name = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         self._pending.append((Path(name), target))
         return Path(name)
@@ -109,11 +130,17 @@ class Stage:
             if backup is not None:
                 _drop_backup(backup)
         self._pending.clear()
+        self._made.clear()  # they hold the outputs now
 
     def discard(self) -> None:
         for temp, _ in self._pending:
             _remove_ours(temp)
         self._pending.clear()
+        # Deepest first; only empty ones: a folder someone else filled meanwhile stays.
+        for folder in sorted(self._made, key=lambda path: len(path.parts), reverse=True):
+            with suppress(OSError):
+                folder.rmdir()
+        self._made.clear()
 
 
 @contextmanager

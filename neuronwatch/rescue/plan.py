@@ -27,6 +27,7 @@ from ..wiring import Wiring
 from .checkpoint import CheckpointError, TensorInfo
 from .dtypes import EDITABLE
 from .layer_edits import LayerEdits
+from .norm_fold import unplaced_statistics
 from .options import OPS, STATES, LayerPlan, Options, Skip, needed, refs, role
 from .steps import Applied, Step, apply_steps, new_shape
 
@@ -184,6 +185,26 @@ def _no_producer(op: str, wiring: Wiring) -> str | None:
     )
 
 
+# The ops that promise the same outputs (and a loadable checkpoint) after the edit.
+_OUTPUT_SAFE = ("reinit", "prune")
+
+
+def _unplaced_reason(op: str, norms: list[str]) -> str:
+    """Why a layer is skipped when running statistics of its width are not in any wiring."""
+    names = ", ".join(repr(n) for n in norms)
+    harm = {
+        "reinit": "zeroing the outgoing weights would drop what it passes on for the neurons",
+        "prune": "its statistics would keep the old width (the checkpoint would not load) and "
+        "what it passes on for the neurons would not be folded",
+    }[op]
+    return (
+        f"the checkpoint holds running statistics of this layer's width ({names}) that the "
+        "report's wiring does not place (a norm without weight and bias, e.g. "
+        f"BatchNorm1d(affine=False)): if it sits between the neurons and their consumer, {harm}; "
+        "give the norm affine parameters, or leave this layer out with --layers"
+    )
+
+
 def _left_out(report: Report) -> dict[str, list[str]]:
     """Layers whose wiring lacks parameters an ONNX audit found not editable (a tied
     initializer, a gate), from ``report.meta["onnx"]["not_editable"]``: editing the rest of
@@ -218,6 +239,7 @@ def make_plan(
     blocked = _not_editable(report, tensors)
     builder = LayerEdits(op, options, report, tensors, read)
     hidden = _left_out(report)
+    unplaced = unplaced_statistics(report.wiring.values(), tensors) if op in _OUTPUT_SAFE else {}
     for name in selected:
         stats = report.layers[name]
         wiring = report.wiring.get(name)
@@ -239,6 +261,10 @@ def make_plan(
         lonely = _no_producer(op, wiring)
         if lonely is not None:
             builder.skipped.append(Skip(name, lonely))
+            continue
+        norms = unplaced.get(stats.neurons)
+        if norms:
+            builder.skipped.append(Skip(name, _unplaced_reason(op, norms)))
             continue
         required = needed(op, wiring)
         if not required:

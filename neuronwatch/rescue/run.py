@@ -15,7 +15,7 @@ from .formats.onnx import OnnxCheckpoint
 from .manifest import Manifest, build_manifest, manifest_path
 from .options import check_patterns
 from .outputs import Stage, staged
-from .paths import Output, check_outputs, report_files
+from .paths import Output, check_outputs, check_spelling, report_files
 from .plan import Options, Plan, make_plan
 
 __all__ = ["execute", "report_summary", "rescue"]
@@ -56,6 +56,26 @@ def _inputs(checkpoint: Checkpoint, report_path: Path | None) -> list[tuple[str,
     return sources + [("the report's", path) for path in report_files(report_path)]
 
 
+def _targets(
+    checkpoint: Checkpoint,
+    report_path: Path | None,
+    out: str | Path | None,
+    manifest: str | Path | None,
+) -> tuple[Path, Path]:
+    """The output and manifest paths, once every check of :mod:`.paths` passed."""
+    if out is None:
+        raise ConfigError("--out is required unless --dry-run is given")
+    folder = checkpoint.format == "sharded"
+    check_spelling("--out", out, folder, example=checkpoint.path.name)
+    if manifest is not None:
+        check_spelling("--manifest", manifest, False, example="manifest.json")
+    target = Path(out)
+    record = Path(manifest) if manifest is not None else manifest_path(target)
+    outputs = _outputs(checkpoint, target, record, named=manifest is not None)
+    check_outputs(outputs, _inputs(checkpoint, report_path))
+    return target, record
+
+
 def rescue(
     op: str,
     checkpoint: str | Path,
@@ -66,6 +86,7 @@ def rescue(
     dry_run: bool = False,
     manifest: str | Path | None = None,
     state_key: str | None = None,
+    trust_optimizer_order: bool = False,
     **options: Any,
 ) -> Manifest:
     """Apply ``op`` (``strip``, ``reinit``, ``prune``, ``lift``) to ``checkpoint`` as
@@ -74,6 +95,9 @@ def rescue(
     ``options`` are those of :class:`~neuronwatch.rescue.plan.Options` (``state``,
     ``fraction``, ``init``, ``match_norm``, ``seed``, ``top``, ``constant_tol``). With
     ``dry_run`` nothing is written and the manifest says what would change.
+    ``trust_optimizer_order`` says a PyTorch file's optimizer lists the parameters in the
+    state_dict's order (built from ``model.parameters()``), so their moments are reset by that
+    order even where two parameters share a shape; without it such an edit is refused.
 
     >>> rescue("prune", "model.safetensors", "runs/audit", "pruned.safetensors")  # doctest: +SKIP
     """
@@ -86,10 +110,14 @@ def rescue(
     report_path = None if isinstance(report, Report) else Path(report)
     loaded = report if isinstance(report, Report) else Report.load(report)
     source = Path(checkpoint)
-    opened = open_checkpoint(source, state_key=state_key)
+    opened = open_checkpoint(
+        source, state_key=state_key, trust_optimizer_order=trust_optimizer_order
+    )
     renamed = _onnx_meta(loaded).get("initializers")
     if isinstance(opened, OnnxCheckpoint) and isinstance(renamed, Mapping):
         opened.add_aliases(renamed)
+    if not dry_run:
+        _targets(opened, report_path, out, manifest)  # before any tensor is read
     plan = make_plan(
         op,
         loaded,
@@ -132,12 +160,8 @@ def execute(
 
     if dry_run:
         return describe(None)
-    if out is None:
-        raise ConfigError("--out is required unless --dry-run is given")
-    target = Path(out)
-    record = Path(manifest) if manifest is not None else manifest_path(target)
-    outputs = _outputs(checkpoint, target, record, named=manifest is not None)
-    check_outputs(outputs, _inputs(checkpoint, report_path))
+    # Checked (again, for rescue()): the plan took time, and paths change meanwhile.
+    target, record = _targets(checkpoint, report_path, out, manifest)
     try:
         with staged() as stage:
             result = (write or _write(checkpoint))(target, plan, stage)

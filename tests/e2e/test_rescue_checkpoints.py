@@ -76,7 +76,9 @@ def test_reinit_resets_the_adam_moments_of_the_touched_rows_and_columns(
 
 
 def test_prune_shrinks_the_moments_and_training_resumes(tmp_path: Path) -> None:
-    path, model, x = save_training(tmp_path, "conv", named=False)
+    # param_names: by order, the BatchNorms' weight and bias (one shape) could be swapped
+    # unseen, and that mapping is refused (test_rescue_torch_refusals.py).
+    path, model, x = save_training(tmp_path, "conv", named=True)
     manifest = rescue.prune(path, tmp_path / "report", tmp_path / "pruned.pt")
     widths = [manifest.widths["act1"], manifest.widths["act2"]]
     assert widths == [6, 7]

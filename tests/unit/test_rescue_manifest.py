@@ -49,3 +49,17 @@ def test_the_written_manifest_lists_every_zeroed_weight(tmp_path: Path) -> None:
         assert positions == sorted(expected.tolist())
     assert loaded.inputs[0]["path"].endswith("m.safetensors")
     assert len(loaded.outputs[0]["blake3"]) == 64
+
+
+def test_the_docs_name_the_checksum_the_manifest_holds(tmp_path: Path) -> None:
+    from neuronwatch.rescue import manifest as module
+    from neuronwatch.rescue.checkpoint import CHECKSUM
+
+    sizes = (8, 16, 4)
+    save_safetensors(tmp_path / "m.safetensors", mlp_weights(sizes))
+    written = strip(tmp_path / "m.safetensors", mlp_report(sizes, {1: [2]}), tmp_path / "o")
+    assert CHECKSUM in written.to_json()["outputs"][0]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "rescue.md").read_text()
+    for text in (docs, module.__doc__ or ""):
+        assert CHECKSUM.upper() in text
+        assert "SHA-256" not in text

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from neuronwatch.errors import ConfigError
 from neuronwatch.rescue.outputs import staged
 
 
@@ -61,3 +63,42 @@ def test_a_failed_rename_restores_the_outputs_already_renamed(
     assert (tmp_path / "model.onnx.data").read_text() == "old data"
     assert (tmp_path / "model.onnx").read_text() == "old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def _fifo_before_commit(target: Path) -> None:
+    with staged() as stage:
+        stage.file(target).write_text("new")
+        os.mkfifo(target)
+        stage.commit()
+
+
+def test_a_fifo_that_appears_before_the_commit_is_not_replaced(tmp_path: Path) -> None:
+    """Checked again at commit: the path may have become a FIFO (or a device node) since the
+    run checked it; renaming onto it would turn it into a regular file."""
+    target = tmp_path / "out.bin"
+    with pytest.raises(ConfigError, match=r"out\.bin is a FIFO \(named pipe\), not a regular"):
+        _fifo_before_commit(target)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def _fails_in_new_folders(folder: Path) -> None:
+    with staged() as stage:
+        stage.file(folder / "new" / "deep" / "out.bin").write_text("half")
+        stage.directory(folder / "new" / "deep" / "er" / "shards")
+        stage.file(folder / "kept" / "sub" / "m.json").write_text("half")
+        raise RuntimeError("writer failed")
+
+
+def test_folders_made_for_the_outputs_are_removed_when_the_run_fails(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="writer failed"):
+        _fails_in_new_folders(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
+def test_folders_made_for_the_outputs_stay_when_the_run_succeeds(tmp_path: Path) -> None:
+    with staged() as stage:
+        stage.file(tmp_path / "new" / "out.bin").write_text("done")
+        stage.commit()
+    assert (tmp_path / "new" / "out.bin").read_text() == "done"

@@ -28,7 +28,9 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
-def open_checkpoint(path: str | Path, *, state_key: str | None = None) -> Checkpoint:
+def open_checkpoint(
+    path: str | Path, *, state_key: str | None = None, trust_optimizer_order: bool = False
+) -> Checkpoint:
     """Open ``path`` for rescue: a ``.safetensors`` file, a PyTorch file (``.pt``, ``.pth``,
     ``.bin``, ``.ckpt``), an ``.onnx`` model, or a sharded folder (or its ``*.index.json``).
 
@@ -52,7 +54,9 @@ def open_checkpoint(path: str | Path, *, state_key: str | None = None) -> Checkp
     if kind == "torch":
         from .torch_pickle import TorchCheckpoint
 
-        return TorchCheckpoint(path, state_key=state_key)
+        return TorchCheckpoint(
+            path, state_key=state_key, trust_optimizer_order=trust_optimizer_order
+        )
     if kind == "onnx":
         from .onnx import OnnxCheckpoint
 

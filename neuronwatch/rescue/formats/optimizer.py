@@ -6,11 +6,16 @@ numbers follow the order the parameters were given in, which is the state_dict's
 when the optimizer was built from ``model.parameters()`` in one group (or in groups whose
 parameters no shape could confuse). Every mapping is checked against the moments' shapes, and
 one that cannot be trusted is refused: a revived neuron must never keep the moments that killed
-it, and another parameter's moments must never be zeroed by mistake.
+it, and another parameter's moments must never be zeroed by mistake. Shapes prove an order only
+for a parameter whose shape no other mapped parameter has: ``Adam(chain(head, body))`` lists
+the parameters in another order than the state_dict, and with equal shapes nothing shows it. So
+moments matched by order are edited only for such parameters; an edit touching another one is
+refused (:meth:`OptimizerMap.check_editable`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +41,28 @@ class OptimizerMap:
     names: dict[Any, str]
     mapped_by: str
     note: str | None = None
+    # Matched by order, and another mapped parameter has the same shape: the pairing of these
+    # names cannot be verified, so their moments must not be edited.
+    unverified: frozenset[str] = frozenset()
+
+    def check_editable(
+        self, touched: Collection[str], has_state: Collection[Any], where: str
+    ) -> None:
+        """Refuse an edit of a parameter (in ``touched``) whose moments (the optimizer ids in
+        ``has_state``) were matched by an order that shapes cannot verify."""
+        blocked = sorted(
+            name
+            for pid, name in self.names.items()
+            if name in self.unverified and name in touched and pid in has_state
+        )
+        if blocked:
+            raise CheckpointError(
+                f"{where} has no param_names and {blocked[0]!r} shares its shape with another "
+                "parameter, so the order cannot show which moments are its (an optimizer given "
+                "the parameters in another order would get the wrong ones reset): save "
+                f"param_names ({_NAMED}), pass --trust-optimizer-order if it was built from "
+                "model.parameters(), or rescue the bare state_dict and start a new optimizer"
+            )
 
 
 def _groups(optimizer: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
@@ -139,7 +166,9 @@ def _by_order(
                 f"shape {shared} and no param_names: whether its order is the state_dict's "
                 f"cannot be verified, and a wrong guess resets the wrong moments ({_NAMED})"
             )
-    return OptimizerMap(names, "order")
+    counts = Counter(infos[name].shape for name in names.values())
+    unverified = frozenset(name for name in names.values() if counts[infos[name].shape] > 1)
+    return OptimizerMap(names, "order", unverified=unverified)
 
 
 def _check_shapes(

@@ -224,8 +224,11 @@ class TorchCheckpoint:
 
     format = "torch"
 
-    def __init__(self, path: Path, state_key: str | None = None) -> None:
+    def __init__(
+        self, path: Path, state_key: str | None = None, trust_optimizer_order: bool = False
+    ) -> None:
         self.path = path
+        self._trust_order = trust_optimizer_order
         self._torch = _torch()
         self._obj = _load(self._torch, path)
         try:
@@ -306,7 +309,10 @@ class TorchCheckpoint:
             reset.append({"param": name, "keys": keys})
         edited = dict(optimizer)
         edited["state"] = state
-        notes: dict[str, Any] = {"mapped_by": found.mapped_by, "moments": reset}
+        mapped_by = found.mapped_by
+        if self._trust_order and found.unverified:
+            mapped_by += " (trusted: --trust-optimizer-order)"
+        notes: dict[str, Any] = {"mapped_by": mapped_by, "moments": reset}
         if found.note is not None:
             notes["param_names"] = found.note
         return edited, notes
@@ -342,5 +348,14 @@ class TorchCheckpoint:
         return checksum_file(self.path), written.named(str(final)), notes
 
     def write(self, out: Path, editor: TensorEditor, stage: Stage) -> WriteResult:
+        touched = [name for name in self._infos if editor.touches(name)]
+        for where, found in [] if self._trust_order else self._optimizers:
+            # Before a byte is written: moments matched by an unverifiable order stay as they
+            # are only if no edit reaches them.
+            found.check_editable(
+                touched,
+                _get(self._obj, where)["state"],
+                f"{self.path}: the optimizer state at {_dotted(where)!r}",
+            )
         digest_in, digest_out, notes = self.write_to(stage.file(out), editor, out)
         return WriteResult(outputs=[digest_out], inputs=[digest_in], notes=notes)
