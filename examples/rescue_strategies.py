@@ -162,15 +162,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+
+
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, seed: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     for start in range(0, len(x), BATCH):
         batch = order[start : start + BATCH]
-        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+        sgd_step(model, optimizer, x[batch], y[batch])
 
 
 def break_network(
@@ -188,10 +194,7 @@ def break_network(
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), BATCH):
             batch = order[start : start + BATCH]
-            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+            sgd_step(model, optimizer, x[batch], y[batch])
             step += 1
             if step >= steps_per_epoch and step % 25 == 0:
                 dead = audit(model, x_val).layers[LAST].ratio("dead")

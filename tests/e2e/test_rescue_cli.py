@@ -8,28 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from neuronwatch import Engine, Report
-from neuronwatch.cli.rescue import rescue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from rescue_helpers import linear_wiring, mlp_report, mlp_weights
+from rescue_helpers import CLI_SIZES, invoke_rescue, linear_wiring, mlp_report, write_cli_files
 
-SIZES = (8, 16, 12, 4)
+SIZES = CLI_SIZES
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    save_file(mlp_weights(SIZES), str(tmp_path / "m.safetensors"))
-    mlp_report(SIZES, {1: [1, 4], 2: [7]}).save(tmp_path / "report")
-    return tmp_path
+    return write_cli_files(tmp_path)
 
 
-def invoke(*args: str | Path) -> tuple[int, str]:
-    result = CliRunner().invoke(rescue, [str(a) for a in args])
-    return result.exit_code, result.output
+invoke = invoke_rescue
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(files: Path) -> None:

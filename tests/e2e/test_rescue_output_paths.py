@@ -12,27 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from neuronwatch.cli.rescue import rescue
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from rescue_helpers import mlp_report, mlp_weights
+from rescue_helpers import CLI_SIZES, invoke_rescue, mlp_weights, write_cli_files
 
-SIZES = (8, 16, 12, 4)
+SIZES = CLI_SIZES
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    save_file(mlp_weights(SIZES), str(tmp_path / "m.safetensors"))
-    mlp_report(SIZES, {1: [1, 4], 2: [7]}).save(tmp_path / "report")
-    return tmp_path
+    return write_cli_files(tmp_path)
 
 
-def invoke(*args: str | Path) -> tuple[int, str]:
-    result = CliRunner().invoke(rescue, [str(a) for a in args])
-    return result.exit_code, result.output
+invoke = invoke_rescue
 
 
 def _device(path: Path) -> None:

@@ -44,6 +44,12 @@ def _train_in_reverse(tmp_path: Path, named: bool) -> tuple[Path, nn.Sequential]
         ]
     else:
         params = itertools.chain(*(m.parameters() for m in modules))
+    return _train_and_save(tmp_path, model, x, params), model
+
+
+def _train_and_save(tmp_path: Path, model: nn.Sequential, x: torch.Tensor, params: object) -> Path:
+    """Three Adam steps on ``params``, fc1's DEAD neurons planted, the audit saved as
+    ``report`` and model and optimizer as ``train.pt``."""
     optimizer = torch.optim.Adam(params, lr=1e-3)  # type: ignore[arg-type]
     for _ in range(3):
         optimizer.zero_grad()
@@ -54,7 +60,7 @@ def _train_in_reverse(tmp_path: Path, named: bool) -> tuple[Path, nn.Sequential]
     audit(model, x).save(tmp_path / "report")
     path = tmp_path / "train.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-    return path, model
+    return path
 
 
 def test_moments_matched_by_an_unverifiable_order_are_refused(tmp_path: Path) -> None:
@@ -123,16 +129,7 @@ def test_an_optimizer_in_the_state_dicts_order_can_be_trusted_explicitly(tmp_pat
     # cannot be checked), accepted with trust_optimizer_order, and then the right moments go.
     model = _square_mlp()
     x = torch.randn(1000, 16, generator=torch.Generator().manual_seed(1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        optimizer.step()
-    with torch.no_grad():
-        model.fc1.bias[DEAD] = -100.0
-    audit(model, x).save(tmp_path / "report")
-    path = tmp_path / "train.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    path = _train_and_save(tmp_path, model, x, model.parameters())
     with pytest.raises(CheckpointError, match="--trust-optimizer-order"):
         rescue.reinit(path, tmp_path / "report", tmp_path / "refused.pt")
     manifest = rescue.reinit(

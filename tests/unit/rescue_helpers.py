@@ -85,3 +85,26 @@ def save_safetensors(path: Path, tensors: Mapping[str, NDArray[np.generic]]) -> 
 
 def file_bytes(path: Path) -> bytes:
     return path.read_bytes()
+
+
+CLI_SIZES = (8, 16, 12, 4)
+
+
+def write_cli_files(folder: Path) -> Path:
+    """``m.safetensors`` (an MLP of :data:`CLI_SIZES`) and the ``report`` that marks neurons 1
+    and 4 of act1 and 7 of act2 dead, in ``folder``: what the CLI tests rescue."""
+    from safetensors.numpy import save_file
+
+    save_file(mlp_weights(CLI_SIZES), str(folder / "m.safetensors"))
+    mlp_report(CLI_SIZES, {1: [1, 4], 2: [7]}).save(folder / "report")
+    return folder
+
+
+def invoke_rescue(*args: str | Path) -> tuple[int, str]:
+    """``neuronwatch rescue ARGS`` in process: exit code and output."""
+    from click.testing import CliRunner
+
+    from neuronwatch.cli.rescue import rescue
+
+    result = CliRunner().invoke(rescue, [str(a) for a in args])
+    return result.exit_code, result.output
