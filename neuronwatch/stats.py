@@ -209,7 +209,11 @@ def active_parameter_ratio(
 ) -> float | None:
     """Parameters not attached to a dead neuron over all parameters wired to the layers
     (Synaptic Stripping §III-D); ``None`` when nothing is wired."""
-    dead = {name: stats.dead for name, stats in layers.items()}
+    # Only wired layers count: judging the others (all of a 1,000-layer model on a scrape that
+    # exports a few, or a model with no wiring at all) would be wasted work.
+    wired = [name for name in wiring if name in layers]
+    judged = layers.judge(wired) if isinstance(layers, JudgedLayers) else [layers[n] for n in wired]
+    dead = {name: stats.dead for name, stats in zip(wired, judged, strict=True)}
     active, total = active_parameter_counts(wiring, dead)
     return active / total if total else None
 

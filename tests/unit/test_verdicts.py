@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from neuronwatch import ConfigError, Engine, LayerStats, ParamRef, Report, ShapeError, Wiring
-from neuronwatch.stats import summarize
+from neuronwatch.stats import JudgedLayers, summarize
 
 
 def relu_layer(rng: np.random.Generator, rows: int, neurons: int, bias: np.ndarray) -> np.ndarray:
@@ -392,3 +392,18 @@ def test_judging_many_layers_at_once_equals_judging_each_alone() -> None:
     assert sum(s.count("dead") for s in together.values()) > 0
     assert sum(s.count("leaking") for s in together.values()) > 0
     assert sum(s.count("unknown") for s in together.values()) > 0
+
+
+def test_the_active_parameter_ratio_judges_only_wired_layers() -> None:
+    # A scrape that exports a few layers of a large model must not judge all of them just to
+    # find there is no wiring (or only a little).
+    engine = Engine("m", min_rows=1)
+    for name in ("a", "b"):
+        engine.add_layer(name, "ReLU")
+        engine.observe(name, np.eye(3))
+    engine.set_wiring("a", Wiring(produces=(ParamRef("fc.weight", (3, 4), 0),)))
+    snapshot = engine.snapshot()
+    window = snapshot.layers("current")
+    assert snapshot.active_parameter_ratio("current") == 1.0
+    assert isinstance(window, JudgedLayers)
+    assert set(window._judged) == {"a"}
