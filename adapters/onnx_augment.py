@@ -6,9 +6,11 @@ count; only those ``O(neurons)`` vectors become graph outputs, never the activat
 read activation *outputs*, so ONNX Runtime's fusions (BiasGelu, FusedGemm, ...) still run and
 the audit measures the production kernels.
 
-The reductions are the cheap ones measured on ORT CPU (DESIGN §7): counts as ``Cast`` to float
-+ ``ReduceSum`` (int64 ``ReduceSum`` is 5x slower), ``Abs`` + ``ReduceSum`` (``ReduceL1`` is
-4.7x slower), ``Mul`` + ``ReduceSum`` for squares. They assume finite values; an ``If`` on the
+The reductions are the cheap ones measured on ORT CPU (DESIGN §7). A ``[rows, neurons]`` view is
+summed as a GEMV with a row of ones; counts are ``uint8`` comparisons summed by
+``MatMulInteger``; ``Abs`` and ``Mul`` + GEMV give sum |a| and the squares (``ReduceL1`` and
+``ReduceSumSquare`` are 3-10x slower); max and min reduce ``[k, rows / k, neurons]`` chunks,
+the middle axis first. They assume finite values; an ``If`` on the
 (``O(neurons)``) sums switches to the exact form that leaves NaN/Inf out of every statistic only
 when a layer holds a non-finite value, so the common case pays nothing for it. The layer
 histogram runs on the forwards the caller asks for (a boolean input, default off), like the
@@ -58,6 +60,9 @@ MIN_OPSET = 11
 FIELD_ORDER: tuple[str, ...] = (
     "fired", "saturated", "nonfinite", "abs_sum", "sum", "sq_sum", "max", "min",
 )  # fmt: skip
+# Chunk counts tried by _Tapper.extreme (largest first), and the fewest rows a chunk may hold.
+CHUNKS: tuple[int, ...] = (256, 128, 64, 32, 16, 8, 4, 2)
+MIN_CHUNK_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,11 @@ class _Tapper:
         self.main = main
         self.mask_index = mask_index
         self.mask_input = mask_input
+        # Per tap (set by statistics()): the [1, rows] ones of total() and count(), and the
+        # chunked shape of extreme(); None where the tap is not a [rows, neurons] view.
         self.ones: str | None = None
+        self.byte_ones: str | None = None
+        self.chunks: str | None = None
 
     def rows_view(self, tap: Tap) -> tuple[str, int, tuple[int, ...]]:
         """The tap's values (kept rows only when masked), the work type, and the axes to
@@ -245,20 +254,35 @@ class _Tapper:
         bound: float,
         work: int,
         axes: tuple[int, ...],
-        finite: bool = False,
     ) -> str:
-        """Per neuron, how many values are above ``bound`` (already rounded for ``work``).
-
-        Where the values are known to be finite (``finite``), float32 uses ONNX-ML's
-        ``Binarizer`` (``x > t`` as 0/1 floats in one pass, no boolean temporary): ONNX
-        Runtime's Binarizer fails on NaN, so nowhere else. Otherwise ``Greater`` + ``Cast``.
-        """
-        if work == TensorProto.FLOAT and finite:
-            self.b.needs_ml = True
-            binary = body.op("Binarizer", values, domain="ai.onnx.ml", threshold=bound)
-            return self.total(body, binary, axes)
+        """Per neuron, how many values are above ``bound`` (already rounded for ``work``);
+        NaN is above nothing."""
         limit = self.b.const(np.asarray(bound, FLOAT_TYPES[work]))
-        return self.total(body, body.op("Cast", body.op("Greater", values, limit), to=work), axes)
+        return self.count(body, body.op("Greater", values, limit), work, axes)
+
+    def count(self, body: Body, condition: str, work: int, axes: tuple[int, ...]) -> str:
+        """Per neuron, how many rows hold the boolean ``condition``, in ``work`` type.
+
+        A ``[rows, neurons]`` view is counted as ``ones[1, rows] @ uint8(condition)`` with
+        ``MatMulInteger``: exact in int32 and ~2x faster than a float ``Cast`` + GEMV on ORT's
+        CPU (1.9 against 4.0 ms for 4096 x 2048 values), since it reads bytes, not floats.
+        """
+        if axes != (0,) or self.byte_ones is None:
+            return body.count(condition, work, axes)
+        as_bytes = body.op("Cast", condition, to=TensorProto.UINT8)
+        counts = body.op("MatMulInteger", self.byte_ones, as_bytes)
+        flat = self.b.const(np.asarray([-1], np.int64))
+        return body.op("Cast", body.op("Reshape", counts, flat), to=work)
+
+    def extreme(self, body: Body, op_type: str, values: str, axes: tuple[int, ...]) -> str:
+        """``ReduceMax``/``ReduceMin`` per neuron. A ``[rows, neurons]`` view is reshaped to
+        ``[k, rows / k, neurons]`` and reduced over axis 1, then 0: ORT's CPU reduces a middle
+        axis ~3x faster than the leading one (2.7 against 8.7 ms for 4096 x 2048 floats, where
+        a single ``ReduceMax`` over axis 0 walks the rows one at a time)."""
+        if axes != (0,) or self.chunks is None:
+            return body.reduce(op_type, values, axes)
+        partial = body.reduce(op_type, body.op("Reshape", values, self.chunks), (1,))
+        return body.reduce(op_type, partial, (0,))
 
     def total(self, body: Body, values: str, axes: tuple[int, ...]) -> str:
         """Per-neuron sums over ``axes``. A ``[rows, neurons]`` view is summed as
@@ -276,8 +300,9 @@ class _Tapper:
         zero = numpy_helper.from_array(np.zeros(1, FLOAT_TYPES[work]), "value")
         return body.op("ConstantOfShape", body.op("Shape", vector), value=zero)
 
-    def _ones(self, view: str, work: int) -> str:
-        """A ``[1, rows]`` row of ones for :meth:`total`, built once per tap and run."""
+    def _ones(self, view: str, dtype: type[np.generic]) -> str:
+        """A ``[1, rows]`` row of ones for :meth:`total` and :meth:`count`, built once per tap
+        and run."""
         m, b = self.main, self.b
         rows = m.op(
             "Slice",
@@ -286,8 +311,35 @@ class _Tapper:
             b.const(np.asarray([1], np.int64)),
         )
         shape = m.op("Concat", b.const(np.asarray([1], np.int64)), rows, axis=0)
-        one = numpy_helper.from_array(np.ones(1, FLOAT_TYPES[work]), "value")
+        one = numpy_helper.from_array(np.ones(1, dtype), "value")
         return m.op("ConstantOfShape", shape, value=one)
+
+    def _chunks(self, view: str) -> str:
+        """The shape ``[k, rows / k, neurons]`` of a ``[rows, neurons]`` view for
+        :meth:`extreme`: ``k`` is the largest of :data:`CHUNKS` that divides the rows and leaves
+        at least :data:`MIN_CHUNK_ROWS` rows per chunk, else 1 (odd or few rows)."""
+        m, b = self.main, self.b
+        shape = m.op("Shape", view)
+        rows = m.op(
+            "Slice", shape, b.const(np.asarray([0], np.int64)), b.const(np.asarray([1], np.int64))
+        )
+        neurons = m.op(
+            "Slice", shape, b.const(np.asarray([1], np.int64)), b.const(np.asarray([2], np.int64))
+        )
+        chunks = b.const(np.asarray(CHUNKS, np.int64))
+        divides = m.op("Equal", m.op("Mod", rows, chunks), b.const(np.asarray(0, np.int64)))
+        enough = m.op(
+            "Not", m.op("Less", rows, b.const(np.asarray(CHUNKS, np.int64) * MIN_CHUNK_ROWS))
+        )
+        usable = m.op(
+            "Concat",
+            m.op("Cast", m.op("And", divides, enough), to=TensorProto.FLOAT),
+            b.const(np.asarray([1.0], np.float32)),  # k = 1 always works
+            axis=0,
+        )
+        every = b.const(np.asarray([*CHUNKS, 1], np.int64))
+        k = m.op("Gather", every, m.op("ArgMax", usable, axis=0, keepdims=1), axis=0)
+        return m.op("Concat", k, m.op("Div", rows, k), neurons, axis=0)
 
     def statistics(self, tap: Tap, index: int) -> TapOutputs:
         m = self.main
@@ -295,20 +347,21 @@ class _Tapper:
         dtype = FLOAT_TYPES[work]
         threshold, low, high = self.thresholds(tap.config, work)
         bound = float(np.asarray(self.b.value(threshold)))
-        self.ones = self._ones(view, work) if axes == (0,) else None
+        rows_first = axes == (0,)
+        self.ones = self._ones(view, dtype) if rows_first else None
+        self.byte_ones = self._ones(view, np.uint8) if rows_first else None
+        self.chunks = self._chunks(view) if rows_first else None
         # Cheap form: valid when every value is finite. One reduction after another, each
         # temporary freed before the next (with the session's priority-based order).
         cheap = {"fired": self.above(m, view, bound, work, axes)}
         cheap["sum"] = self.total(m, view, axes)
-        cheap["max"] = m.reduce("ReduceMax", view, axes)
-        cheap["min"] = m.reduce("ReduceMin", view, axes)
+        cheap["max"] = self.extreme(m, "ReduceMax", view, axes)
+        cheap["min"] = self.extreme(m, "ReduceMin", view, axes)
         cheap["abs_sum"] = self.total(m, m.op("Abs", view), axes)
         cheap["sq_sum"] = self.total(m, m.op("Mul", view, view), axes)
         flat = self._flat(m, view, low, high)
         zeros = self._zeros_like(m, cheap["sum"], work)
-        cheap["saturated"] = (
-            self.total(m, m.op("Cast", flat, to=work), axes) if flat is not None else zeros
-        )
+        cheap["saturated"] = self.count(m, flat, work, axes) if flat is not None else zeros
         cheap["nonfinite"] = zeros
         total = m.reduce("ReduceSum", cheap["sum"], None)
         finite = m.op("Equal", m.op("Sub", total, total), self.b.const(np.asarray(0, dtype)))
@@ -350,16 +403,18 @@ class _Tapper:
         lowest = self.b.const(np.asarray(-np.inf, dtype))
         highest = self.b.const(np.asarray(np.inf, dtype))
         stats = {
-            "fired": e.count(e.op("And", e.op("Greater", zeroed, threshold), finite), work, axes),
-            "nonfinite": e.count(e.op("Not", finite), work, axes),
+            "fired": self.count(
+                e, e.op("And", e.op("Greater", zeroed, threshold), finite), work, axes
+            ),
+            "nonfinite": self.count(e, e.op("Not", finite), work, axes),
             "abs_sum": e.reduce("ReduceSum", e.op("Abs", zeroed), axes),
             "sum": e.reduce("ReduceSum", zeroed, axes),
             "sq_sum": e.reduce("ReduceSum", e.op("Mul", zeroed, zeroed), axes),
-            "max": e.reduce("ReduceMax", e.op("Where", finite, view, lowest), axes),
-            "min": e.reduce("ReduceMin", e.op("Where", finite, view, highest), axes),
+            "max": self.extreme(e, "ReduceMax", e.op("Where", finite, view, lowest), axes),
+            "min": self.extreme(e, "ReduceMin", e.op("Where", finite, view, highest), axes),
         }
         stats["saturated"] = (
-            e.count(e.op("And", flat, finite), work, axes)
+            self.count(e, e.op("And", flat, finite), work, axes)
             if flat is not None
             else self._zeros_like(e, stats["sum"], work)
         )
@@ -371,8 +426,9 @@ class _Tapper:
         """Counts of finite values above each edge, computed only when the histogram input is
         true (else zeros): bins are their differences (``bins_from_above`` on the host).
 
-        Counted per neuron in float (exact below 2**24 rows), then summed in float64 over the
-        neurons: a layer's total can pass 2**24 values in one batch. +Inf would count above
+        Counted per neuron (in int32 on a ``[rows, neurons]`` view, else in float: exact below
+        2**24 rows), then summed in float64 over the neurons: a layer's total can pass 2**24
+        values in one batch. +Inf would count above
         every edge: when the layer holds non-finite values they are first moved below all
         edges (NaN compares false anyway).
         """
@@ -380,25 +436,25 @@ class _Tapper:
         below = (lambda v: v) if work == TensorProto.DOUBLE else float32_below
         one = self.b.const(np.asarray([1], np.int64))
 
-        def counts(body: Body, values: str, known_finite: bool) -> str:
+        def counts(body: Body, values: str) -> str:
             parts = []
             for edge in config.histogram_edges:
                 per_neuron = body.op(
                     "Cast",
-                    self.above(body, values, below(edge), work, axes, known_finite),
+                    self.above(body, values, below(edge), work, axes),
                     to=TensorProto.DOUBLE,
                 )
                 parts.append(body.op("Reshape", body.reduce("ReduceSum", per_neuron, None), one))
             return body.op("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
 
         plain = Body(self.b)
-        plain_graph = plain.graph("histogram", [(counts(plain, view, True), TensorProto.DOUBLE)])
+        plain_graph = plain.graph("histogram", [(counts(plain, view), TensorProto.DOUBLE)])
         guarded = Body(self.b)
         kept = guarded.op(
             "Where", guarded.op("IsInf", view), self.b.const(np.asarray(-np.inf, dtype)), view
         )
         guarded_graph = guarded.graph(
-            "histogram_nonfinite", [(counts(guarded, kept, False), TensorProto.DOUBLE)]
+            "histogram_nonfinite", [(counts(guarded, kept), TensorProto.DOUBLE)]
         )
         on = Body(self.b)
         chosen = self.b.fresh("histogram_counts")
@@ -488,8 +544,6 @@ def augment(
     del graph.node[:]
     graph.node.extend(ordered)
     graph.initializer.extend(builder.initializers)
-    if builder.needs_ml and not any(o.domain == "ai.onnx.ml" for o in augmented.opset_import):
-        augmented.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
     flag = numpy_helper.from_array(np.asarray(False), HISTOGRAM_INPUT)
     graph.initializer.append(flag)
     graph.input.append(helper.make_tensor_value_info(HISTOGRAM_INPUT, TensorProto.BOOL, []))

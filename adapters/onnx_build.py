@@ -74,7 +74,6 @@ class Builder:
         self.taken.update(t.name for t in model.graph.initializer)
         self.taken.update(t.name for t in (*model.graph.input, *model.graph.output))
         self.counter = 0
-        self.needs_ml = False
         self.values: dict[str, np.ndarray[Any, Any]] = {}
         self.initializers: list[onnx.TensorProto] = []
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
