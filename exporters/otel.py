@@ -33,6 +33,7 @@ from neuronwatch.errors import ConfigError, MissingExtraError
 from neuronwatch.metric_families import FAMILIES, MetricFamily, validate_labels
 from neuronwatch.metric_values import Reading, check_patterns, check_source, read
 from neuronwatch.monitor import SnapshotSource
+from neuronwatch.stats import VerdictCache
 
 try:
     from opentelemetry import metrics
@@ -80,6 +81,7 @@ class Instrumentation:
         self._closed = False
         self._failing = False
         self._cache: Reading | None = None
+        self._verdicts = VerdictCache()  # a window's verdicts, judged once
         self._pinned = threading.local()
 
     def close(self) -> None:
@@ -103,7 +105,7 @@ class Instrumentation:
             else:
                 cache = self._cache
                 if cache is None or cache.snapshot is not snapshot:
-                    cache = self._cache = read(snapshot, self.window, self.layers)
+                    cache = self._cache = read(snapshot, self.window, self.layers, self._verdicts)
                 pinned = cache
             self._pinned.reading = pinned
         return pinned

@@ -8,7 +8,6 @@ families to a prometheus_client registry.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,13 +18,14 @@ from neuronwatch.metric_families import FAMILIES, validate_labels
 from neuronwatch.metric_values import Reading, check_patterns, check_source, read
 from neuronwatch.monitor import SnapshotSource
 from neuronwatch.snapshot import Snapshot
+from neuronwatch.stats import VerdictCache
 
 from .prometheus_text import (
     CONTENT_TYPE_OPENMETRICS,
     CONTENT_TYPE_TEXT,
+    Renderer,
     accepted,
     choose_format,
-    render,
 )
 
 __all__ = ["NeuronwatchCollector", "PrometheusExporter", "as_exporter"]
@@ -61,6 +61,8 @@ class PrometheusExporter:
         self._readings: dict[int, Reading] = {}
         self._key: tuple[Snapshot, ...] = ()
         self._rendered: dict[tuple[bool, bool], bytes] = {}
+        self._renderer = Renderer(self.labels)
+        self._verdicts: dict[str, VerdictCache] = {}  # per model: its window's verdicts
         self._duplicates_logged: set[str] = set()
         for source in sources:
             self.add(source)
@@ -98,13 +100,18 @@ class PrometheusExporter:
 
     def _readings_of(self, snapshots: tuple[Snapshot, ...]) -> list[Reading]:
         readings = []
+        by_model = {r.snapshot.model: r for r in self._readings.values()}
         for snapshot in snapshots:
             reading = self._readings.get(id(snapshot))
             if reading is None or reading.snapshot is not snapshot:
-                reading = read(snapshot, self.window, self.layers)
+                cache = self._verdicts.setdefault(snapshot.model, VerdictCache())
+                previous = by_model.get(snapshot.model)
+                reading = read(snapshot, self.window, self.layers, cache, previous)
             readings.append(reading)
         # Keep only the current ones: each holds its snapshot, so an id is never reused.
         self._readings = {id(r.snapshot): r for r in readings}
+        models = {r.snapshot.model for r in readings}
+        self._verdicts = {m: c for m, c in self._verdicts.items() if m in models}
         return readings
 
     def readings(self) -> list[Reading]:
@@ -126,9 +133,12 @@ class PrometheusExporter:
         body = self._rendered.get((openmetrics, compress))
         if body is None:
             if compress:
-                body = gzip.compress(self._body(openmetrics, False), compresslevel=1)
+                # Family by family: the ~5 MB text of a large model is never held whole just
+                # to be compressed, and a family unchanged since the last snapshot is not
+                # compressed again.
+                body = self._renderer.render_gzip(self._readings_of(self._key), openmetrics)
             else:
-                body = render(self._readings_of(self._key), self.labels, openmetrics)
+                body = self._renderer.render(self._readings_of(self._key), openmetrics)
             self._rendered[(openmetrics, compress)] = body
         return body
 

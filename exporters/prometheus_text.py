@@ -2,20 +2,32 @@
 
 Why not prometheus_client's ``generate_latest``: it formats every sample through a generic
 path (a dict of labels sorted and escaped per sample) and takes ~290 ms for a 1,000-layer model
-(~40,000 samples) on this project's CPU; a scrape must stay under 50 ms. Here the label string
-of each layer is built once and shared by its ~40 samples. The output parses to the same
+(~40,000 samples) on this project's CPU; a scrape must stay under 50 ms. Here each line's
+prefix (name and labels) is built once and kept while the model's layers stay the same, so a
+render formats only the values. The output parses to the same
 families as prometheus_client's own rendering of :class:`~.prometheus.NeuronwatchCollector`
 (``tests/unit/test_exporter_prometheus.py`` checks it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from neuronwatch.metric_families import FAMILIES, MetricFamily
 from neuronwatch.metric_values import Histogram, Reading
 
-__all__ = ["CONTENT_TYPE_OPENMETRICS", "CONTENT_TYPE_TEXT", "choose_format", "render"]
+__all__ = [
+    "CONTENT_TYPE_OPENMETRICS",
+    "CONTENT_TYPE_TEXT",
+    "Renderer",
+    "choose_format",
+    "render",
+]
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -57,14 +69,107 @@ def _help(text: str, openmetrics: bool) -> str:
     return text.replace('"', r"\"") if openmetrics else text
 
 
-class _LabelStrings:
-    """``kind="post",layer="fc1",model="mlp",run="r1"`` for every label set of a series, built
-    once per shared label list (the ~35 per-layer families of a reading share one)."""
+class _Numbers(dict[float, bytes]):
+    """``repr(value)`` and the line's newline, as bytes, per value, kept between renders.
+
+    ``repr`` of a float is ~60 % of formatting a line; an exposition repeats few values (counts
+    up to the layer width, ratios of them), so most lines are a dict hit. Keys compare by
+    value: ``-0.0`` may print as ``0.0`` and ``1`` as ``1.0``, the same number to every
+    parser. Cleared when it holds :attr:`KEEP` values.
+    """
+
+    KEEP = 200_000
+
+    def __missing__(self, value: float) -> bytes:
+        if len(self) >= self.KEEP:
+            self.clear()
+        text = self[value] = f"{value!r}\n".encode()
+        return text
+
+
+def deflate_segment(data: bytes) -> bytes:
+    """``data`` as raw deflate blocks ending byte-aligned with an empty stored block, the
+    dictionary reset (``Z_FULL_FLUSH``): segments made this way concatenate into one valid
+    deflate stream (how pigz compresses in parallel)."""
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(data) + deflater.flush(zlib.Z_FULL_FLUSH)
+
+
+# The last block of a stream: an empty final block (BFINAL set).
+_LAST_BLOCK = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
+# Magic, deflate, no flags, no mtime, no extra flags, OS unknown (RFC 1952).
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
+def gzip_member(segments: Sequence[bytes], crc: int, size: int) -> bytes:
+    """One gzip member (RFC 1952) from :func:`deflate_segment` outputs, the CRC-32 and the
+    length of the uncompressed data."""
+    trailer = struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+    return b"".join([_GZIP_HEADER, *segments, _LAST_BLOCK, trailer])
+
+
+class _Chunk:
+    """One family's text, the series it was rendered from, and its deflate segment (made on
+    first use: only gzip scrapes need it)."""
+
+    __slots__ = ("_segment", "labels", "text", "values")
+
+    def __init__(self, values: object, labels: object, text: bytes) -> None:
+        self.values, self.labels, self.text = values, labels, text
+        self._segment: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.text)
+
+    @property
+    def compressed(self) -> bool:
+        return self._segment is not None
+
+    def segment(self) -> bytes:
+        if self._segment is None:
+            self._segment = deflate_segment(self.text)
+        return self._segment
+
+
+_EOF = _Chunk(None, None, b"# EOF\n")
+_COMPRESSOR: list[ThreadPoolExecutor] = []
+_COMPRESSOR_LOCK = threading.Lock()
+
+
+def _compressor() -> ThreadPoolExecutor:
+    """One thread that compresses families while the scrape's thread renders the next ones
+    (made on the first gzip scrape; idle, it costs a parked thread)."""
+    with _COMPRESSOR_LOCK:
+        if not _COMPRESSOR:
+            _COMPRESSOR.append(ThreadPoolExecutor(1, thread_name_prefix="neuronwatch-gzip"))
+        return _COMPRESSOR[0]
+
+
+class Renderer:
+    """Renders readings to an exposition, keeping every series' line prefix between renders.
+
+    A line is ``<prefix><value>\n`` with the prefix ``name{labels} ``. A model's layers (so
+    its label sets) rarely change between snapshots: the prefixes of a label list are built on
+    its first render and reused while it stays the same, so a render only looks the values up
+    (:class:`_Numbers`) and joins, with C-level ``map``/``zip``/``join`` and no Python bytecode
+    per line (~40,000 lines for 1,000 layers). At most :attr:`KEEP` label lists are kept (a
+    model that renames its layers at every snapshot does not grow the cache).
+    """
+
+    KEEP = 16
 
     def __init__(self, constant: Mapping[str, str]) -> None:
         self._constant = {k: _label_value(v) for k, v in constant.items()}
         self._templates: dict[tuple[str, ...], str] = {}
-        self._cache: dict[int, tuple[Sequence[tuple[str, ...]], list[str]]] = {}
+        # label names + label values -> the label strings; (sample, suffix, key) -> prefixes
+        self._strings: dict[tuple[tuple[str, ...], tuple[tuple[str, ...], ...]], list[str]] = {}
+        self._prefixes: dict[tuple[str, str, int], list[bytes]] = {}
+        self._interleaved: dict[tuple[str, bool, int], list[bytes]] = {}
+        # (family, format) -> the values and labels rendered last, and their text: a family
+        # whose series a reading took over from the previous one is not formatted again.
+        self._rendered: dict[tuple[str, bool], _Chunk] = {}
+        self._numbers = _Numbers()
 
     def _template(self, names: tuple[str, ...]) -> str:
         """A format string with the labels sorted by name (as prometheus_client writes them):
@@ -78,15 +183,128 @@ class _LabelStrings:
             self._templates[names] = template
         return template
 
-    def __call__(self, names: tuple[str, ...], labels: Sequence[tuple[str, ...]]) -> list[str]:
-        cached = self._cache.get(id(labels))
-        if cached is not None and cached[0] is labels:
-            return cached[1]
-        fill = self._template(names).format
-        strings = [fill(*map(_label_value, values)) for values in labels]
-        # Holding `labels` keeps its id from being reused for another list during this render.
-        self._cache[id(labels)] = (labels, strings)
-        return strings
+    def _label_strings(
+        self, names: tuple[str, ...], labels: Sequence[tuple[str, ...]]
+    ) -> tuple[int, list[str]]:
+        """``kind="post",layer="fc1",...`` for every label set, and a key naming the list."""
+        key = (names, tuple(labels))
+        strings = self._strings.get(key)
+        if strings is None:
+            if len(self._strings) >= self.KEEP:
+                self._strings.clear()
+                self._prefixes.clear()
+                self._interleaved.clear()
+            fill = self._template(names).format
+            strings = [fill(*map(_label_value, values)) for values in labels]
+            self._strings[key] = strings
+        return id(strings), strings
+
+    def _lines(self, sample: str, suffix: str, key: int, strings: list[str]) -> list[bytes]:
+        """``sample{labels<suffix>} `` per label string: the lines' prefixes (UTF-8)."""
+        prefixes = self._prefixes.get((sample, suffix, key))
+        if prefixes is None:
+            prefixes = [f"{sample}{{{text}{suffix}}} ".encode() for text in strings]
+            self._prefixes[(sample, suffix, key)] = prefixes
+        return prefixes
+
+    def _values(self, prefixes: list[bytes], values: Iterable[float]) -> Iterator[bytes]:
+        """The pieces of the lines: prefix, value and newline, prefix, ..."""
+        return itertools.chain.from_iterable(
+            zip(prefixes, map(self._numbers.__getitem__, values), strict=True)
+        )
+
+    def render(self, readings: Sequence[Reading], openmetrics: bool) -> bytes:
+        """The exposition of ``readings`` (one per watched model)."""
+        return b"".join(chunk.text for chunk in self.chunks(readings, openmetrics))
+
+    def render_gzip(self, readings: Sequence[Reading], openmetrics: bool) -> bytes:
+        """The exposition gzipped: one gzip member whose deflate stream is each family's
+        segment compressed on its own (:func:`deflate_segment`), so a family rendered again
+        unchanged is not compressed again either; the CRC still covers every byte."""
+        chunks, compressing = [], []
+        for chunk in self.chunks(readings, openmetrics):
+            chunks.append(chunk)
+            if not chunk.compressed:
+                # zlib lets go of the GIL: the next family renders meanwhile on this thread.
+                compressing.append(_compressor().submit(chunk.segment))
+        crc = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk.text, crc)
+        for done in compressing:
+            done.result()
+        return gzip_member([chunk.segment() for chunk in chunks], crc, sum(c.size for c in chunks))
+
+    def chunks(self, readings: Sequence[Reading], openmetrics: bool) -> Iterator[_Chunk]:
+        """The exposition family by family (what a compressor can take piece by piece, never
+        holding the whole text: a 1,000-layer model's is ~5 MB)."""
+        # Per label list and label names, this render: families of one scope share a list.
+        keys: dict[tuple[int, tuple[str, ...]], tuple[object, tuple[int, list[str]]]] = {}
+        for family in FAMILIES:
+            pieces: list[Iterable[bytes]] = []
+            series = [reading.series[family.name] for reading in readings]
+            if len(series) == 1:  # the usual case: one model, its lists as they are
+                values, labels = series[0].values, series[0].labels
+            else:
+                values = [value for one in series for value in one.values]
+                labels = [label for one in series for label in one.labels]
+            if not values:
+                continue  # e.g. the active-parameter ratio of a model whose wiring is unknown
+            last = self._rendered.get((family.name, openmetrics))
+            if last is not None and last.values is values and last.labels is labels:
+                yield last
+                continue
+            known = keys.get((id(labels), family.labels))
+            if known is None or known[0] is not labels:
+                keyed = self._label_strings(family.labels, labels)
+                known = keys[(id(labels), family.labels)] = (labels, keyed)
+            key, strings = known[1]
+            pieces.append((_header(family, openmetrics).encode(),))
+            if family.kind == "gaugehistogram":
+                self._histogram(family, key, strings, values, openmetrics, pieces)
+            else:
+                prefixes = self._lines(family.samples[0], "", key, strings)
+                pieces.append(self._values(prefixes, values))
+            chunk = _Chunk(values, labels, b"".join(itertools.chain.from_iterable(pieces)))
+            self._rendered[(family.name, openmetrics)] = chunk
+            yield chunk
+        if openmetrics:
+            yield _EOF
+
+    def _histogram(
+        self,
+        family: MetricFamily,
+        key: int,
+        strings: list[str],
+        points: Sequence[Histogram],
+        openmetrics: bool,
+        pieces: list[Iterable[bytes]],
+    ) -> None:
+        bucket = family.name + "_bucket"
+        gcount, gsum = family.name + "_gcount", family.name + "_gsum"
+        prefixes = self._interleaved.get((family.name, openmetrics, key))
+        if prefixes is None:
+            per_series = [
+                self._lines(bucket, f',le="{le}"', key, strings) for le in family.bucket_labels
+            ]
+            if openmetrics:
+                per_series += [self._lines(gcount, "", key, strings)]
+                per_series += [self._lines(gsum, "", key, strings)]
+            # Series by series: its buckets, then (OpenMetrics) its gcount and gsum.
+            prefixes = [p for lines in zip(*per_series, strict=True) for p in lines]
+            self._interleaved[(family.name, openmetrics, key)] = prefixes
+        if openmetrics:
+            values = [v for point in points for v in (*point.buckets, point.gcount, point.gsum)]
+        else:
+            values = [v for point in points for v in point.buckets]
+        pieces.append(self._values(prefixes, values))
+        if openmetrics:
+            return
+        # The text format has no gcount/gsum samples: they go in gauges of their own.
+        for name, field in ((gcount, "gcount"), (gsum, "gsum")):
+            header = f"# HELP {name} {_help(family.help, False)}\n# TYPE {name} gauge\n"
+            pieces.append((header.encode(),))
+            lines = self._lines(name, "", key, strings)
+            pieces.append(self._values(lines, [getattr(point, field) for point in points]))
 
 
 def _header(family: MetricFamily, openmetrics: bool) -> str:
@@ -105,50 +323,7 @@ def _header(family: MetricFamily, openmetrics: bool) -> str:
     return f"# HELP {name} {_help(family.help, False)}\n# TYPE {name} {kind}\n"
 
 
-def _histogram_lines(
-    family: MetricFamily,
-    points: list[tuple[str, Histogram]],
-    openmetrics: bool,
-    out: list[str],
-) -> None:
-    bucket = family.name + "_bucket"
-    les = family.bucket_labels
-    gcount, gsum = family.name + "_gcount", family.name + "_gsum"
-    for labels, value in points:
-        prefix = f"{bucket}{{{labels},le="
-        out.extend(
-            f'{prefix}"{le}"}} {count!r}\n' for le, count in zip(les, value.buckets, strict=True)
-        )
-        if openmetrics:
-            out.append(
-                f"{gcount}{{{labels}}} {value.gcount!r}\n{gsum}{{{labels}}} {value.gsum!r}\n"
-            )
-    if openmetrics:
-        return
-    # The text format has no gcount/gsum samples: they go in gauges of their own.
-    for name, index in ((gcount, 1), (gsum, 2)):
-        out.append(f"# HELP {name} {_help(family.help, False)}\n# TYPE {name} gauge\n")
-        out.extend(f"{name}{{{labels}}} {value[index]!r}\n" for labels, value in points)
-
-
 def render(readings: Sequence[Reading], constant: Mapping[str, str], openmetrics: bool) -> bytes:
-    """The exposition of ``readings`` (one per watched model) with ``constant`` labels."""
-    label_strings = _LabelStrings(constant)
-    out: list[str] = []
-    for family in FAMILIES:
-        points: list[tuple[str, object]] = []
-        for reading in readings:
-            series = reading.series[family.name]
-            strings = label_strings(family.labels, series.labels)
-            points.extend(zip(strings, series.values, strict=True))
-        if not points:
-            continue  # e.g. the active-parameter ratio of a model whose wiring is unknown
-        out.append(_header(family, openmetrics))
-        if family.kind == "gaugehistogram":
-            _histogram_lines(family, points, openmetrics, out)  # type: ignore[arg-type]
-        else:
-            sample = family.samples[0]
-            out.extend(f"{sample}{{{text}}} {value!r}\n" for text, value in points)
-    if openmetrics:
-        out.append("# EOF\n")
-    return "".join(out).encode("utf-8")
+    """The exposition of ``readings`` (one per watched model) with ``constant`` labels (a
+    one-off :class:`Renderer`)."""
+    return Renderer(constant).render(readings, openmetrics)

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._version import __version__
+from .config import LayerConfig
 from .errors import ConfigError
 from .metric_families import FAMILIES, SILENT_STEP_BUCKETS
-from .snapshot import Snapshot, steps_silent
+from .scratch import SCRATCH
+from .snapshot import Snapshot
 from .states import STATES
-from .stats import FREQUENCY_EDGES, JudgedLayers, LayerStats
+from .stats import FREQUENCY_EDGES, JoinedVerdicts, JudgedLayers, LayerStats, VerdictCache
 
 __all__ = [
     "Histogram",
@@ -70,6 +72,8 @@ class Reading:
     window: str
     layers: tuple[str, ...]
     series: dict[str, Series]
+    # The window's verdicts the series came from (a later read of the same ones reuses them).
+    verdicts: JoinedVerdicts | None = field(default=None, repr=False, compare=False)
 
 
 def select_layers(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
@@ -108,12 +112,12 @@ def check_source(source: object) -> None:
 
 
 class _Layers:
-    """Per-layer sums and histograms of per-neuron arrays concatenated over many layers."""
+    """Per-layer sums and cumulative counts of per-neuron arrays joined over many layers (a
+    handful of numpy calls for the whole model: a 1,000-layer model has 256,000 neurons)."""
 
     def __init__(self, sizes: list[int]) -> None:
         self.count = len(sizes)
         sizes_array = np.asarray(sizes, dtype=np.intp)
-        self.owner = np.repeat(np.arange(self.count), sizes_array)
         self._nonempty = np.flatnonzero(sizes_array)
         # reduceat needs the start of every non-empty segment; empty layers sum to 0.
         self._starts = (np.cumsum(sizes_array) - sizes_array)[self._nonempty]
@@ -121,28 +125,69 @@ class _Layers:
     def sums(self, values: NDArray[Any]) -> list[float]:
         sums = np.zeros(self.count)
         if self._nonempty.size:
-            sums[self._nonempty] = np.add.reduceat(values.astype(np.float64), self._starts)
+            # dtype=: booleans and counts are summed as float64 chunk by chunk, no full copy.
+            sums[self._nonempty] = np.add.reduceat(values, self._starts, dtype=np.float64)
         result: list[float] = sums.tolist()
         return result
 
-    def histograms(
-        self, index: NDArray[np.intp], bins: int, keep: NDArray[np.bool_] | None = None
-    ) -> list[list[float]]:
-        """Cumulative counts of the (kept) neurons per bin ``index``, one row per layer."""
-        flat = self.owner * bins + index
-        if keep is not None:
-            flat = flat[keep]
-        counts = np.bincount(flat, minlength=self.count * bins).reshape(self.count, bins)
-        cumulative: list[list[float]] = np.cumsum(counts, axis=1).astype(np.float64).tolist()
-        return cumulative
+    def at_most(
+        self, values: NDArray[Any], bounds: Sequence[float], keep: NDArray[np.bool_] | None = None
+    ) -> list[tuple[float, ...]]:
+        """Per layer, how many (kept) neurons have a value ``<=`` each bound: the cumulative
+        buckets of a histogram with those ``le`` bounds, one tuple per layer."""
+        columns = np.zeros((len(bounds), self.count))
+        for column, bound in zip(columns, bounds, strict=True):
+            below = values <= bound
+            if keep is not None:
+                below &= keep
+            if self._nonempty.size:
+                column[self._nonempty] = np.add.reduceat(below, self._starts, dtype=np.float64)
+        return list(zip(*columns.tolist(), strict=True))
+
+
+_INFO: dict[int, tuple[LayerConfig, tuple[str, ...]]] = {}
 
 
 def _concat(arrays: list[NDArray[Any]], dtype: type[np.generic]) -> NDArray[Any]:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
-def _info_labels(stats: LayerStats) -> tuple[str, ...]:
-    config = stats.config
+def _judged(
+    layers: Mapping[str, LayerStats], names: list[str], cache: VerdictCache | None
+) -> JoinedVerdicts:
+    """The verdicts of ``names`` as joined columns: judged in one pass from a snapshot's
+    window (through ``cache``), or joined from the stats of another mapping (a loaded
+    report's layers)."""
+    if isinstance(layers, JudgedLayers):
+        return layers.joined(names, cache)
+    stats = [layers[name] for name in names]
+    bounds = np.concatenate([[0], np.cumsum([s.neurons for s in stats])]).astype(np.intp)
+    fields = ("known", "frequency", *(state.value for state in STATES))
+    arrays = {
+        field: _concat(
+            [getattr(s, field) for s in stats], np.float64 if field == "frequency" else np.bool_
+        )
+        for field in fields
+    }
+    return JoinedVerdicts(
+        [s.config for s in stats], [s.partials for s in stats], bounds.tolist(), arrays
+    )
+
+
+def _info_labels(config: LayerConfig) -> tuple[str, ...]:
+    """The layer's info labels; kept per config object (configs outlive snapshots, and three
+    float reprs per layer are ~2 ms of a 1,000-layer scrape)."""
+    kept = _INFO.get(id(config))
+    if kept is not None and kept[0] is config:
+        return kept[1]
+    if len(_INFO) >= 100_000:
+        _INFO.clear()
+    labels = _describe(config)
+    _INFO[id(config)] = (config, labels)
+    return labels
+
+
+def _describe(config: LayerConfig) -> tuple[str, ...]:
     return (
         config.activation or "",
         config.family,
@@ -181,12 +226,34 @@ def _ratios(counts: list[float], neurons: list[float]) -> list[float]:
     return [c / n if n else 0.0 for c, n in zip(counts, neurons, strict=True)]
 
 
-def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None = None) -> Reading:
+# Families whose every value comes from the judged window (the rest are lifetime counters,
+# the steps since last fired, and per-model figures).
+WINDOW_FAMILIES: tuple[str, ...] = (
+    "neuronwatch_layer",
+    "neuronwatch_neurons",
+    *(f"neuronwatch_{state.value}_{what}" for state in STATES for what in ("neurons", "ratio")),
+    "neuronwatch_window_rows",
+    "neuronwatch_firing_frequency_ratio",
+)
+
+
+def read(
+    snapshot: Snapshot,
+    window: str = "auto",
+    layers: Sequence[str] | None = None,
+    cache: VerdictCache | None = None,
+    previous: Reading | None = None,
+) -> Reading:
     """The series of every family for ``snapshot``.
 
     Per-layer figures cover ``window`` (``auto``: the last complete window, else lifetime);
     counters (rows observed, non-finite values, hook errors) and steps since last fired are
     lifetime figures. ``layers`` keeps only the layers matching one of its globs.
+
+    An exporter reading snapshot after snapshot passes a ``cache`` (one per watched model) and
+    the model's ``previous`` reading: while the window's verdicts are the very objects the
+    previous reading used (the last complete window between rollovers), its window families
+    are taken over as they are and only the lifetime ones are computed.
     """
     resolved = snapshot.resolve_window(window)
     shown = snapshot.windows[resolved]
@@ -194,62 +261,52 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
     series = _model_series(snapshot, resolved)
 
     selected = select_layers(list(shown), layers)
-    chosen = (
-        shown.judge(selected)
-        if isinstance(shown, JudgedLayers)
-        else [shown[name] for name in selected]
+    judged = _judged(shown, selected, cache)
+    lifetime_partials = getattr(lifetime, "partials", None)  # lifetime holds every layer
+    lives = (
+        [lifetime_partials(name) for name in selected]
+        if callable(lifetime_partials)
+        else [lifetime[name].partials for name in selected]
     )
-    lives = [snapshot.partials(name) for name in selected]  # lifetime holds every layer
     model = label_text(snapshot.model)
-    labels = [
-        (model, label_text(name), stats.kind) for name, stats in zip(selected, chosen, strict=True)
-    ]
-    neurons = [float(stats.neurons) for stats in chosen]
-    per = _Layers([stats.neurons for stats in chosen])
+    sizes = judged.sizes
+    neurons = [float(n) for n in sizes]
+    per = _Layers(sizes)
+    if (
+        previous is not None
+        and previous.verdicts is judged
+        and previous.window == resolved
+        and previous.layers == tuple(selected)
+        and previous.snapshot.model == snapshot.model
+    ):
+        labels = previous.series["neuronwatch_neurons"].labels
+        series.update({name: previous.series[name] for name in WINDOW_FAMILIES})
+    else:
+        labels = [
+            (model, label_text(name), config.kind)
+            for name, config in zip(selected, judged.configs, strict=True)
+        ]
+        series.update(_window_series(judged, labels, per, neurons))
 
     def layer_series(values: Sequence[Any]) -> Series:
         return Series(labels, values)
 
-    series["neuronwatch_layer"] = Series(
-        [(*label, *_info_labels(stats)) for label, stats in zip(labels, chosen, strict=True)],
-        [1.0] * len(chosen),
-    )
-    series["neuronwatch_neurons"] = layer_series(neurons)
-    for state in (s.value for s in STATES):
-        # One concatenation and one segmented sum per state, not one call per layer.
-        counts = per.sums(_concat([getattr(stats, state) for stats in chosen], np.bool_))
-        series[f"neuronwatch_{state}_neurons"] = layer_series(counts)
-        series[f"neuronwatch_{state}_ratio"] = layer_series(_ratios(counts, neurons))
-    series["neuronwatch_window_rows"] = layer_series([float(stats.rows) for stats in chosen])
     series["neuronwatch_rows_observed"] = layer_series([float(p.rows) for p in lives])
-    series["neuronwatch_nonfinite_values"] = layer_series(
-        per.sums(_concat([p.nonfinite for p in lives], np.int64))
-    )
+    with SCRATCH.joined([p.nonfinite for p in lives], np.int64) as nonfinite:
+        series["neuronwatch_nonfinite_values"] = layer_series(per.sums(nonfinite))
 
-    known = _concat([stats.known for stats in chosen], np.bool_)
-    frequency = np.where(known, _concat([stats.frequency for stats in chosen], np.float64), 0.0)
-    # Bin 0 holds the neurons that never fired (le="0.0"), bin j those in
-    # (edges[j-1], edges[j]]: as LayerStats.frequency_distribution counts them.
-    bins = np.searchsorted(np.asarray(FREQUENCY_EDGES), frequency, side="left")
-    buckets = per.histograms(bins, len(FREQUENCY_EDGES), keep=known)
-    known_counts = per.sums(known)
-    series["neuronwatch_firing_frequency_ratio"] = layer_series(
-        [
-            Histogram((*b, n), n, s)
-            for b, n, s in zip(buckets, known_counts, per.sums(frequency), strict=True)
-        ]
-    )
-
-    silent = steps_silent(_concat([p.last_fired_step for p in lives], np.int64), snapshot.step)
-    # side="left": a neuron silent for exactly 10 steps is in le="10.0", as le means.
-    bins = np.searchsorted(np.asarray(SILENT_STEP_BUCKETS), silent, side="left")
-    buckets = per.histograms(bins, len(SILENT_STEP_BUCKETS) + 1)
-    series["neuronwatch_steps_since_last_fired"] = layer_series(
-        [
-            Histogram(tuple(b), n, s)
-            for b, n, s in zip(buckets, neurons, per.sums(silent), strict=True)
-        ]
-    )
+    with SCRATCH.joined([p.last_fired_step for p in lives], np.int64) as silent:
+        never = silent < 0
+        np.subtract(snapshot.step, silent, out=silent)  # steps_silent, in the buffer
+        silent[never] = snapshot.step
+        # A neuron silent for exactly 10 steps is in le="10.0", as le means.
+        buckets = per.at_most(silent, SILENT_STEP_BUCKETS)
+        series["neuronwatch_steps_since_last_fired"] = layer_series(
+            [
+                Histogram((*b, n), n, s)
+                for b, n, s in zip(buckets, neurons, per.sums(silent), strict=True)
+            ]
+        )
 
     # A layer whose every update failed has errors but no statistics: still count them.
     errors = snapshot.errors
@@ -259,9 +316,53 @@ def read(snapshot: Snapshot, window: str = "auto", layers: Sequence[str] | None 
         for name in failed_only
     ]
     series["neuronwatch_hook_errors"] = Series(
-        labels + failed_labels if failed_labels else labels,  # shared list: labelled once
+        [*labels, *failed_labels] if failed_labels else labels,  # shared list: labelled once
         [float(errors.get(name, 0)) for name in (*selected, *failed_only)],
     )
     missing = {f.name for f in FAMILIES} ^ set(series)
     assert not missing, f"families without a series: {sorted(missing)}"
-    return Reading(snapshot, resolved, tuple(selected), series)
+    return Reading(snapshot, resolved, tuple(selected), series, judged)
+
+
+def _window_series(
+    judged: JoinedVerdicts,
+    labels: Sequence[tuple[str, ...]],
+    per: _Layers,
+    neurons: list[float],
+) -> dict[str, Series]:
+    """The :data:`WINDOW_FAMILIES` of the judged window."""
+
+    def layer_series(values: Sequence[Any]) -> Series:
+        return Series(labels, values)
+
+    series = {
+        "neuronwatch_layer": Series(
+            [
+                (*label, *_info_labels(config))
+                for label, config in zip(labels, judged.configs, strict=True)
+            ],
+            [1.0] * len(labels),
+        ),
+        "neuronwatch_neurons": layer_series(neurons),
+    }
+    for state in (s.value for s in STATES):
+        # One segmented sum per state over the joined verdicts, not one call per layer.
+        counts = per.sums(judged[state])
+        series[f"neuronwatch_{state}_neurons"] = layer_series(counts)
+        series[f"neuronwatch_{state}_ratio"] = layer_series(_ratios(counts, neurons))
+    series["neuronwatch_window_rows"] = layer_series([float(p.rows) for p in judged.partials])
+    known = judged["known"]
+    frequency = judged["frequency"]
+    # le="0.0" holds the neurons that never fired, le=edge those at or below it: as
+    # LayerStats.frequency_distribution counts them, cumulated. Unknown neurons are left out.
+    buckets = per.at_most(frequency, FREQUENCY_EDGES, keep=known)
+    known_counts = per.sums(known)
+    series["neuronwatch_firing_frequency_ratio"] = layer_series(
+        [
+            Histogram((*b, n), n, s)
+            for b, n, s in zip(
+                buckets, known_counts, per.sums(np.where(known, frequency, 0.0)), strict=True
+            )
+        ]
+    )
+    return series

@@ -80,4 +80,6 @@ class Snapshot:
 
 def steps_silent(last_fired_step: NDArray[np.int64], step: int) -> NDArray[np.int64]:
     """``step - last_fired_step``, or ``step`` for neurons that never fired (-1)."""
-    return np.where(last_fired_step >= 0, step - last_fired_step, step).astype(np.int64)
+    silent = np.subtract(step, last_fired_step, dtype=np.int64)
+    silent[last_fired_step < 0] = step
+    return silent
