@@ -7,7 +7,9 @@
 A scrape reads each source's ``latest`` snapshot (:class:`~neuronwatch.SnapshotSource`); it never
 flushes, never touches a device and never waits for a training step. What a snapshot exports is
 computed once and its exposition cached until the next snapshot (:mod:`.prometheus_exporter`),
-so 20 scrapes a second cost one rendering per flush. The families are those of
+so 20 scrapes a second cost one rendering per flush; and the next snapshot of the same window
+renders only what moved (the lifetime counters): the window's verdicts, its families' text and
+their gzip segments are kept while their inputs are the same objects. The families are those of
 :mod:`neuronwatch.metric_families` (``docs/metrics.md``).
 
 - :func:`serve`: a server of its own (loopback by default, TLS with ``certfile``/``keyfile``).

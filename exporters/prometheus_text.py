@@ -133,17 +133,18 @@ class _Chunk:
 
 
 _EOF = _Chunk(None, None, b"# EOF\n")
-_COMPRESSOR: list[ThreadPoolExecutor] = []
-_COMPRESSOR_LOCK = threading.Lock()
+_compressor_pool: ThreadPoolExecutor | None = None
+_compressor_lock = threading.Lock()
 
 
 def _compressor() -> ThreadPoolExecutor:
     """One thread that compresses families while the scrape's thread renders the next ones
     (made on the first gzip scrape; idle, it costs a parked thread)."""
-    with _COMPRESSOR_LOCK:
-        if not _COMPRESSOR:
-            _COMPRESSOR.append(ThreadPoolExecutor(1, thread_name_prefix="neuronwatch-gzip"))
-        return _COMPRESSOR[0]
+    global _compressor_pool
+    with _compressor_lock:
+        if _compressor_pool is None:
+            _compressor_pool = ThreadPoolExecutor(1, thread_name_prefix="neuronwatch-gzip")
+        return _compressor_pool
 
 
 class Renderer:

@@ -132,11 +132,6 @@ def summarize(config: LayerConfig, partials: Partials) -> LayerStats:
     return stats
 
 
-def _per_neuron(values: Sequence[float], sizes: NDArray[np.intp]) -> NDArray[Any]:
-    """One value per layer repeated over that layer's neurons."""
-    return np.repeat(np.asarray(values), sizes)
-
-
 @dataclass(frozen=True, eq=False)
 class JoinedVerdicts:
     """Many layers judged together: every per-neuron array of :class:`LayerStats`, concatenated
@@ -208,11 +203,10 @@ def judge_joined(configs: Sequence[LayerConfig], partials: Sequence[Partials]) -
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
     total = int(bounds[-1])
 
-    def joined(field: str, layers: NDArray[np.bool_] | None = None) -> NDArray[Any]:
-        """``field`` of every layer (of the ``layers`` chosen; zeros elsewhere)."""
-        if layers is None:
-            return np.concatenate([getattr(p, field) for p in partials]) if partials else zeros
-        out = np.zeros(total, dtype=getattr(partials[0], field).dtype) if partials else zeros
+    def chosen(field: str, layers: NDArray[np.bool_]) -> NDArray[Any]:
+        """``field`` of the ``layers`` chosen, zeros for the others (a family-specific field is
+        not joined for the layers whose family never reads it)."""
+        out = np.zeros(total, dtype=getattr(partials[0], field).dtype if partials else None)
         for index in np.flatnonzero(layers).tolist():
             out[bounds[index] : bounds[index + 1]] = getattr(partials[index], field)
         return out
@@ -220,7 +214,6 @@ def judge_joined(configs: Sequence[LayerConfig], partials: Sequence[Partials]) -
     def per_layer(values: list[Any], dtype: type[np.generic]) -> NDArray[Any]:
         return np.repeat(np.asarray(values, dtype=dtype), sizes)
 
-    zeros = np.zeros(0)
     with ExitStack() as buffers:  # the joined inputs live in reused buffers: no fresh pages
         fired, nonfinite, abs_sum = (
             buffers.enter_context(SCRATCH.joined([getattr(p, f) for p in partials], dtype))
@@ -249,14 +242,14 @@ def judge_joined(configs: Sequence[LayerConfig], partials: Sequence[Partials]) -
     # Families without a flat region saturate nowhere: their counts are not even joined.
     saturates = np.asarray([c.saturates for c in configs], dtype=bool)
     saturated = (
-        known & np.repeat(saturates, sizes) & (joined("saturated", saturates) == finite_rows)
+        known & np.repeat(saturates, sizes) & (chosen("saturated", saturates) == finite_rows)
     )
     # Dead = no gradient on any row: never firing where the family is flat below its threshold,
     # or never firing while stuck in a flat region (saturated, or Hardswish's exact-zero floor).
     no_gradient = per_layer([c.can_die for c in configs], np.bool_) | saturated
     floor = np.asarray([FAMILIES[c.family].zero_floor for c in configs], dtype=bool)
     if floor.any():
-        at_zero = (joined("max", floor) == 0.0) & (joined("min", floor) == 0.0)
+        at_zero = (chosen("max", floor) == 0.0) & (chosen("min", floor) == 0.0)
         no_gradient |= np.repeat(floor, sizes) & at_zero
     dead = never & no_gradient
     leaking = never & ~dead

@@ -57,13 +57,15 @@ def test_relu_statistics_equal_the_numpy_reference_over_several_runs() -> None:
     assert got.fired[1] == 0
 
 
-@pytest.mark.parametrize("rows", [1, 7, 16, 24, 96, 2048, 2056])
+@pytest.mark.parametrize("rows", [0, 1, 7, 16, 24, 96, 2048, 2056])
 def test_every_row_count_gets_exact_extremes_and_counts(rows: int) -> None:
     """Max and min reduce [k, rows / k, neurons] chunks (k from 1 to 256, by what divides the
-    rows) and counts go through MatMulInteger: neither may lose a row at any chunking."""
+    rows) and counts go through MatMulInteger: neither may lose a row at any chunking, and an
+    empty batch is no error."""
     x = planted(rows, 6, seed=rows)
-    x[rows - 1, 0] = 50.0  # the extremes sit in the last row, the last chunk
-    x[rows // 2, 2] = -50.0
+    if rows:
+        x[rows - 1, 0] = 50.0  # the extremes sit in the last row, the last chunk
+        x[rows // 2, 2] = -50.0
     session = run(activation("Elu"), [])
     [y] = session.run(None, {"x": x})  # ELU saturates below: the saturated count is tested too
     config = session.monitor.engine.config("act")
@@ -158,6 +160,19 @@ def test_pad_rows_are_left_out_through_the_attention_mask() -> None:
     assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
     unmasked = run(_masked_model(), [{"x": x, "attention_mask": mask}], mask=None)
     assert unmasked.monitor.report("lifetime").layers["act"].rows == 15
+
+
+def test_a_batch_of_pads_only_adds_no_rows() -> None:
+    # Every position masked out: the taps see no row at all (what MatMulInteger over no rows
+    # got wrong: it returned its buffer's old contents as counts).
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    real = np.ones((2, 5), np.int64)
+    session = run(_masked_model(), [{"x": x, "attention_mask": real}])
+    session.run(None, {"x": x + 50, "attention_mask": np.zeros((2, 5), np.int64)})
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x.reshape(10, 4), 0).astype(np.float64), config)
+    assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
 
 
 def test_conv_channels_are_the_neurons() -> None:
