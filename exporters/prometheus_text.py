@@ -78,7 +78,7 @@ class _Numbers(dict[float, bytes]):
     parser. Cleared when it holds :attr:`KEEP` values.
     """
 
-    KEEP = 200_000
+    KEEP = 50_000  # ~5 MB at most; a 1,000-layer render meets ~3,000 new values
 
     def __missing__(self, value: float) -> bytes:
         if len(self) >= self.KEEP:

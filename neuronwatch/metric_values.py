@@ -146,6 +146,7 @@ class _Layers:
 
 
 _INFO: dict[int, tuple[LayerConfig, tuple[str, ...]]] = {}
+_INFO_KEEP = 10_000  # configs (one per layer) kept; a model that renames its layers refills it
 
 
 def _concat(arrays: list[NDArray[Any]], dtype: type[np.generic]) -> NDArray[Any]:
@@ -180,7 +181,7 @@ def _info_labels(config: LayerConfig) -> tuple[str, ...]:
     kept = _INFO.get(id(config))
     if kept is not None and kept[0] is config:
         return kept[1]
-    if len(_INFO) >= 100_000:
+    if len(_INFO) >= _INFO_KEEP:
         _INFO.clear()
     labels = _describe(config)
     _INFO[id(config)] = (config, labels)
