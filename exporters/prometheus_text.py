@@ -191,10 +191,6 @@ class Renderer:
         key = (names, tuple(labels))
         strings = self._strings.get(key)
         if strings is None:
-            if len(self._strings) >= self.KEEP:
-                self._strings.clear()
-                self._prefixes.clear()
-                self._interleaved.clear()
             fill = self._template(names).format
             strings = [fill(*map(_label_value, values)) for values in labels]
             self._strings[key] = strings
@@ -238,6 +234,12 @@ class Renderer:
     def chunks(self, readings: Sequence[Reading], openmetrics: bool) -> Iterator[_Chunk]:
         """The exposition family by family (what a compressor can take piece by piece, never
         holding the whole text: a 1,000-layer model's is ~5 MB)."""
+        if len(self._strings) >= self.KEEP:
+            # Trimmed between renders, never during one: prefixes are keyed by the id of a
+            # strings list, which must stay alive in _strings as long as they are kept.
+            self._strings.clear()
+            self._prefixes.clear()
+            self._interleaved.clear()
         # Per label list and label names, this render: families of one scope share a list.
         keys: dict[tuple[int, tuple[str, ...]], tuple[object, tuple[int, list[str]]]] = {}
         for family in FAMILIES:

@@ -57,16 +57,17 @@ def test_relu_statistics_equal_the_numpy_reference_over_several_runs() -> None:
     assert got.fired[1] == 0
 
 
+@pytest.mark.parametrize("neurons", [6, 70], ids=["narrow", "wide"])
 @pytest.mark.parametrize("rows", [0, 1, 7, 16, 24, 96, 2048, 2056])
-def test_every_row_count_gets_exact_extremes_and_counts(rows: int) -> None:
+def test_every_row_count_gets_exact_extremes_and_counts(rows: int, neurons: int) -> None:
     """Max and min reduce [k, rows / k, neurons] chunks (k from 1 to 256, by what divides the
     rows) and counts go through MatMulInteger: neither may lose a row at any chunking, and an
     empty batch is no error."""
-    x = planted(rows, 6, seed=rows)
+    x = planted(rows, neurons, seed=rows)
     if rows:
         x[rows - 1, 0] = 50.0  # the extremes sit in the last row, the last chunk
         x[rows // 2, 2] = -50.0
-    session = run(activation("Elu"), [])
+    session = run(activation("Elu", shape=("batch", neurons)), [])
     [y] = session.run(None, {"x": x})  # ELU saturates below: the saturated count is tested too
     config = session.monitor.engine.config("act")
     want = reduce_rows(y.astype(np.float64), config)
