@@ -307,44 +307,29 @@ class _Tapper:
         zero = numpy_helper.from_array(np.zeros(1, FLOAT_TYPES[work]), "value")
         return body.op("ConstantOfShape", body.op("Shape", vector), value=zero)
 
-    def _ones(self, view: str, dtype: type[np.generic]) -> str:
+    def _dim(self, shape: str, index: int) -> str:
+        """``[shape[index]]``: a view's rows or neurons, for :meth:`_ones`, :meth:`_any_rows`
+        and :meth:`_chunks` (read once per tap, shared by all three)."""
+        start, end = (self.b.const(np.asarray([i], np.int64)) for i in (index, index + 1))
+        return self.main.op("Slice", shape, start, end)
+
+    def _ones(self, rows: str, dtype: type[np.generic]) -> str:
         """A ``[1, rows]`` row of ones for :meth:`total` and :meth:`count`, built once per tap
         and run."""
-        m, b = self.main, self.b
-        rows = m.op(
-            "Slice",
-            m.op("Shape", view),
-            b.const(np.asarray([0], np.int64)),
-            b.const(np.asarray([1], np.int64)),
-        )
-        shape = m.op("Concat", b.const(np.asarray([1], np.int64)), rows, axis=0)
+        shape = self.main.op("Concat", self.b.const(np.asarray([1], np.int64)), rows, axis=0)
         one = numpy_helper.from_array(np.ones(1, dtype), "value")
-        return m.op("ConstantOfShape", shape, value=one)
+        return self.main.op("ConstantOfShape", shape, value=one)
 
-    def _any_rows(self, view: str) -> str:
-        """``[1]`` int32: 1 when the ``[rows, neurons]`` view has rows, else 0."""
-        m, b = self.main, self.b
-        rows = m.op(
-            "Slice",
-            m.op("Shape", view),
-            b.const(np.asarray([0], np.int64)),
-            b.const(np.asarray([1], np.int64)),
-        )
-        some = m.op("Greater", rows, b.const(np.asarray(0, np.int64)))
-        return m.op("Cast", some, to=TensorProto.INT32)
+    def _any_rows(self, rows: str) -> str:
+        """``[1]`` int32: 1 when the view has rows, else 0."""
+        some = self.main.op("Greater", rows, self.b.const(np.asarray(0, np.int64)))
+        return self.main.op("Cast", some, to=TensorProto.INT32)
 
-    def _chunks(self, view: str) -> str:
+    def _chunks(self, rows: str, neurons: str) -> str:
         """The shape ``[k, rows / k, neurons]`` of a ``[rows, neurons]`` view for
         :meth:`extreme`: ``k`` is the largest of :data:`CHUNKS` that divides the rows and leaves
         at least :data:`MIN_CHUNK_ROWS` rows per chunk, else 1 (odd or few rows)."""
         m, b = self.main, self.b
-        shape = m.op("Shape", view)
-        rows = m.op(
-            "Slice", shape, b.const(np.asarray([0], np.int64)), b.const(np.asarray([1], np.int64))
-        )
-        neurons = m.op(
-            "Slice", shape, b.const(np.asarray([1], np.int64)), b.const(np.asarray([2], np.int64))
-        )
         chunks = b.const(np.asarray(CHUNKS, np.int64))
         divides = m.op("Equal", m.op("Mod", rows, chunks), b.const(np.asarray(0, np.int64)))
         enough = m.op(
@@ -372,10 +357,15 @@ class _Tapper:
         # Byte counts and chunked extremes pay off on wide layers; on narrow ones (a few
         # neurons) their ~28 extra small nodes per tap cost more than they save.
         wide = rows_first and (tap.neurons is None or tap.neurons >= WIDE_TAP)
-        self.ones = self._ones(view, dtype) if rows_first else None
-        self.byte_ones = self._ones(view, np.uint8) if wide else None
-        self.any_rows = self._any_rows(view) if wide else None
-        self.chunks = self._chunks(view) if wide else None
+        self.ones = self.byte_ones = self.any_rows = self.chunks = None
+        if rows_first:
+            shape = m.op("Shape", view)
+            rows = self._dim(shape, 0)
+            self.ones = self._ones(rows, dtype)
+            if wide:
+                self.byte_ones = self._ones(rows, np.uint8)
+                self.any_rows = self._any_rows(rows)
+                self.chunks = self._chunks(rows, self._dim(shape, 1))
         # Cheap form: valid when every value is finite. One reduction after another, each
         # temporary freed before the next (with the session's priority-based order).
         cheap = {"fired": self.above(m, view, bound, work, axes)}
