@@ -20,7 +20,9 @@ Pad rows: a tap whose rows are the ``[batch, tokens]`` positions of the model's 
 input keeps only the rows where the mask is non-zero (a ``Gather`` of the kept rows, shared by
 every tap), as the torch adapter does with the forward's ``attention_mask``.
 
-fp16/bf16 activations are cast to float32 first; float64 ones are reduced in float64.
+fp16/bf16 activations are cast to float32 after their view is taken (a ``Reshape`` in their own
+type, see ``_Tapper.rows_view``); float64 ones are reduced in float64. Counts are summed exactly
+(int32 or float64) and leave the graph as float64.
 Thresholds are rounded to float32 in the direction that keeps every comparison equal to the
 float64 one, as in the torch adapter.
 """
@@ -44,6 +46,7 @@ from .onnx_build import FLOAT_TYPES, PREFIX, Body, Builder
 from .onnx_graph import Dim
 
 __all__ = [
+    "COUNT_FIELDS",
     "FIELD_ORDER",
     "MIN_OPSET",
     "Augmented",
@@ -60,6 +63,10 @@ MIN_OPSET = 11
 FIELD_ORDER: tuple[str, ...] = (
     "fired", "saturated", "nonfinite", "abs_sum", "sum", "sq_sum", "max", "min",
 )  # fmt: skip
+# Count fields leave the graph as float64: exact to 2**53, where float32 stops at 2**24 rows.
+COUNT_FIELDS = frozenset({"fired", "saturated", "nonfinite"})
+# So do the sums: a float32 sum of squares overflows once |a| passes 1.8e19.
+SUM_FIELDS = frozenset({"abs_sum", "sum", "sq_sum"})
 # Chunk counts tried by _Tapper.extreme (largest first), and the fewest rows a chunk may hold.
 CHUNKS: tuple[int, ...] = (256, 128, 64, 32, 16, 8, 4, 2)
 MIN_CHUNK_ROWS = 8
@@ -125,6 +132,11 @@ def mask_rule(shape: Sequence[Dim] | None, axis: int, mask_shape: Sequence[Dim] 
     return "check"
 
 
+def field_type(name: str, work: int) -> int:
+    """The element type of a tap's output ``name`` (a :data:`FIELD_ORDER` field)."""
+    return TensorProto.DOUBLE if name in COUNT_FIELDS or name in SUM_FIELDS else work
+
+
 class _Tapper:
     """Builds the reductions of every tap into the main graph."""
 
@@ -141,6 +153,7 @@ class _Tapper:
         self.byte_ones: str | None = None
         self.any_rows: str | None = None
         self.chunks: str | None = None
+        self.double_ones: str | None = None
 
     def rows_view(self, tap: Tap) -> tuple[str, int, tuple[int, ...]]:
         """The tap's values (kept rows only when masked), the work type, and the axes to
@@ -152,16 +165,34 @@ class _Tapper:
         """
         m = self.main
         x = tap.tensor
-        work = tap.elem_type if tap.elem_type in FLOAT_TYPES else TensorProto.FLOAT
-        if tap.elem_type != work:
-            x = m.op("Cast", x, to=work)
+        elem = tap.elem_type
+        work = elem if elem in FLOAT_TYPES else TensorProto.FLOAT
+
+        def cast(view: str) -> str:
+            # After the view, never on the tap itself: ORT runs fp16 ops that lack a CPU kernel
+            # (Tanh, Elu, LeakyRelu, ...) in float32 between two casts it inserts, and drops its
+            # cast back to fp16 when the only reader is our cast to float32; the statistics
+            # were then of values the model never produced (tanh 0.99996, not fp16's 1.0). A
+            # Reshape in the tap's own type sits between the two casts and keeps the rounding.
+            return view if elem == work else m.op("Cast", view, to=work)
+
         rank = tap.rank
         if rank == 0:
             # A scalar (a gate such as sigmoid(h.mean()), a scalar input): one neuron, one row.
-            return m.op("Reshape", x, self.b.const(np.asarray([1, 1], np.int64))), work, (0,)
+            one = m.op("Reshape", x, self.b.const(np.asarray([1, 1], np.int64)))
+            return cast(one), work, (0,)
         if tap.masked == "no" and rank is not None and tap.axis % rank != rank - 1:
             # Channels first (conv maps): reduce over the other axes in place, no transpose.
             feature = tap.axis % rank
+            if elem != work:
+                return (
+                    cast(self._merge_trailing(x, feature)),
+                    work,
+                    (
+                        *range(feature),
+                        feature + 1,
+                    ),
+                )
             return x, work, tuple(d for d in range(rank) if d != feature)
         if tap.axis != -1:
             if rank is None:
@@ -187,10 +218,30 @@ class _Tapper:
         if tap.masked == "yes" and self.mask_index is not None:
             view = m.op("Gather", view, self.mask_index, axis=0)
         elif tap.masked == "check" and self.mask_index is not None:
-            view = self._checked_mask(x, view, tap, work)
-        return view, work, (0,)
+            view = self._checked_mask(x, view, tap, elem)
+        return cast(view), work, (0,)
 
-    def _checked_mask(self, x: str, view: str, tap: Tap, work: int) -> str:
+    def _merge_trailing(self, x: str, feature: int) -> str:
+        """``x`` reshaped to ``[*shape[:feature + 1], prod(shape[feature + 1:])]``, with every
+        dimension spelled out (a 0 or -1 in a Reshape shape is ambiguous on empty tensors)."""
+        m, b = self.main, self.b
+        shape = m.op("Shape", x)
+        head = m.op(
+            "Slice",
+            shape,
+            b.const(np.asarray([0], np.int64)),
+            b.const(np.asarray([feature + 1], np.int64)),
+        )
+        rest = m.op(
+            "Slice",
+            shape,
+            b.const(np.asarray([feature + 1], np.int64)),
+            b.const(np.asarray([np.iinfo(np.int64).max], np.int64)),
+        )
+        tail = m.reduce("ReduceProd", rest, (0,), keepdims=1)
+        return m.op("Reshape", x, m.op("Concat", head, tail, axis=0))
+
+    def _checked_mask(self, x: str, view: str, tap: Tap, elem: int) -> str:
         """Keep the mask's rows when, in this run, the tap's rows are its positions."""
         m, b = self.main, self.b
         assert self.mask_input is not None
@@ -215,10 +266,10 @@ class _Tapper:
         assert self.mask_index is not None
         kept = Body(b)
         kept_graph = kept.graph(
-            "masked", [(kept.op("Gather", view, self.mask_index, axis=0), work)]
+            "masked", [(kept.op("Gather", view, self.mask_index, axis=0), elem)]
         )
         every = Body(b)
-        every_graph = every.graph("unmasked", [(view, work)])
+        every_graph = every.graph("unmasked", [(view, elem)])
         out = b.fresh("rows")
         m.nodes.append(
             helper.make_node(
@@ -258,28 +309,39 @@ class _Tapper:
         work: int,
         axes: tuple[int, ...],
     ) -> str:
-        """Per neuron, how many values are above ``bound`` (already rounded for ``work``);
-        NaN is above nothing."""
+        """Per neuron, how many values are above ``bound`` (already rounded for ``work``), as
+        float64; NaN is above nothing."""
         limit = self.b.const(np.asarray(bound, FLOAT_TYPES[work]))
         return self.count(body, body.op("Greater", values, limit), work, axes)
 
     def count(self, body: Body, condition: str, work: int, axes: tuple[int, ...]) -> str:
-        """Per neuron, how many rows hold the boolean ``condition``, in ``work`` type.
+        """Per neuron, how many rows hold the boolean ``condition``, exactly, as float64.
 
-        A ``[rows, neurons]`` view is counted as ``ones[1, rows] @ uint8(condition)`` with
+        A wide ``[rows, neurons]`` view is counted as ``ones[1, rows] @ uint8(condition)`` with
         ``MatMulInteger``: exact in int32 and ~2x faster than a float ``Cast`` + GEMV on ORT's
-        CPU (1.9 against 4.0 ms for 4096 x 2048 values), since it reads bytes, not floats.
+        CPU (1.9 against 4.0 ms for 4096 x 2048 values), since it reads bytes, not floats. A
+        narrow one by a float64 GEMV. Other views (conv maps) sum their last axis in float32
+        (exact: one row of a map is far below 2**24 values) and the rest in float64.
         """
+        double = TensorProto.DOUBLE
         if axes != (0,) or self.byte_ones is None or self.any_rows is None:
-            if axes == (0,) and self.ones is not None:  # a float GEMV of the 0/1 values
-                return self.total(body, body.op("Cast", condition, to=work), axes)
-            return body.count(condition, work, axes)
+            if axes == (0,) and self.double_ones is not None:
+                flat = self.b.const(np.asarray([-1], np.int64))
+                ones_gemv = body.op(
+                    "MatMul", self.double_ones, body.op("Cast", condition, to=double)
+                )
+                return body.op("Reshape", ones_gemv, flat)
+            last = max(axes)
+            rows = body.reduce(
+                "ReduceSum", body.op("Cast", condition, to=work), (last,), keepdims=1
+            )
+            return body.reduce("ReduceSum", body.op("Cast", rows, to=double), axes)
         as_bytes = body.op("Cast", condition, to=TensorProto.UINT8)
         # Times 0 or 1: ORT's MatMulInteger over no rows (an empty batch, all pads) returns
         # whatever its output buffer held, not zeros.
         counts = body.op("Mul", body.op("MatMulInteger", self.byte_ones, as_bytes), self.any_rows)
         flat = self.b.const(np.asarray([-1], np.int64))
-        return body.op("Cast", body.op("Reshape", counts, flat), to=work)
+        return body.op("Cast", body.op("Reshape", counts, flat), to=double)
 
     def extreme(self, body: Body, op_type: str, values: str, axes: tuple[int, ...]) -> str:
         """``ReduceMax``/``ReduceMin`` per neuron. A ``[rows, neurons]`` view is reshaped to
@@ -357,7 +419,7 @@ class _Tapper:
         # Byte counts and chunked extremes pay off on wide layers; on narrow ones (a few
         # neurons) their ~28 extra small nodes per tap cost more than they save.
         wide = rows_first and (tap.neurons is None or tap.neurons >= WIDE_TAP)
-        self.ones = self.byte_ones = self.any_rows = self.chunks = None
+        self.ones = self.byte_ones = self.any_rows = self.chunks = self.double_ones = None
         if rows_first:
             shape = m.op("Shape", view)
             rows = self._dim(shape, 0)
@@ -366,6 +428,8 @@ class _Tapper:
                 self.byte_ones = self._ones(rows, np.uint8)
                 self.any_rows = self._any_rows(rows)
                 self.chunks = self._chunks(rows, self._dim(shape, 1))
+            else:
+                self.double_ones = self._ones(rows, np.float64)
         # Cheap form: valid when every value is finite. One reduction after another, each
         # temporary freed before the next (with the session's priority-based order).
         cheap = {"fired": self.above(m, view, bound, work, axes)}
@@ -375,14 +439,23 @@ class _Tapper:
         cheap["abs_sum"] = self.total(m, m.op("Abs", view), axes)
         cheap["sq_sum"] = self.total(m, m.op("Mul", view, view), axes)
         flat = self._flat(m, view, low, high)
-        zeros = self._zeros_like(m, cheap["sum"], work)
+        zeros = self._zeros_like(m, cheap["sum"], TensorProto.DOUBLE)
         cheap["saturated"] = self.count(m, flat, work, axes) if flat is not None else zeros
         cheap["nonfinite"] = zeros
-        total = m.reduce("ReduceSum", cheap["sum"], None)
+        # Finite values whose sums (or squares) overflowed the work type go the exact way too,
+        # where the sums are taken in float64.
+        total = m.op(
+            "Add",
+            m.reduce("ReduceSum", cheap["sum"], None),
+            m.reduce("ReduceSum", cheap["sq_sum"], None),
+        )
         finite = m.op("Equal", m.op("Sub", total, total), self.b.const(np.asarray(0, dtype)))
+        if work != TensorProto.DOUBLE:
+            for name in SUM_FIELDS:
+                cheap[name] = m.op("Cast", cheap[name], to=TensorProto.DOUBLE)
 
         then = Body(self.b)
-        then_graph = then.graph("cheap", [(cheap[f], work) for f in FIELD_ORDER])
+        then_graph = then.graph("cheap", [(cheap[f], field_type(f, work)) for f in FIELD_ORDER])
         exact = self.exact(view, work, threshold, low, high, axes)
         stats = self.b.fresh("stats")
         outputs = [f"{stats}/{f}" for f in FIELD_ORDER]
@@ -409,11 +482,12 @@ class _Tapper:
         axes: tuple[int, ...],
     ) -> onnx.GraphProto:
         """NaN and +-Inf left out of every statistic and counted apart (the torch adapter's
-        ``reduce_eager``)."""
+        ``reduce_eager``); the sums in float64, which holds what float32 overflowed."""
         e = Body(self.b)
         dtype = FLOAT_TYPES[work]
         finite = e.op("Not", e.op("Or", e.op("IsNaN", view), e.op("IsInf", view)))
         zeroed = e.op("Where", finite, view, self.b.const(np.asarray(0, dtype)))
+        wide = zeroed if work == TensorProto.DOUBLE else e.op("Cast", zeroed, to=TensorProto.DOUBLE)
         flat = self._flat(e, zeroed, low, high)
         lowest = self.b.const(np.asarray(-np.inf, dtype))
         highest = self.b.const(np.asarray(np.inf, dtype))
@@ -422,18 +496,18 @@ class _Tapper:
                 e, e.op("And", e.op("Greater", zeroed, threshold), finite), work, axes
             ),
             "nonfinite": self.count(e, e.op("Not", finite), work, axes),
-            "abs_sum": e.reduce("ReduceSum", e.op("Abs", zeroed), axes),
-            "sum": e.reduce("ReduceSum", zeroed, axes),
-            "sq_sum": e.reduce("ReduceSum", e.op("Mul", zeroed, zeroed), axes),
+            "abs_sum": e.reduce("ReduceSum", e.op("Abs", wide), axes),
+            "sum": e.reduce("ReduceSum", wide, axes),
+            "sq_sum": e.reduce("ReduceSum", e.op("Mul", wide, wide), axes),
             "max": self.extreme(e, "ReduceMax", e.op("Where", finite, view, lowest), axes),
             "min": self.extreme(e, "ReduceMin", e.op("Where", finite, view, highest), axes),
         }
         stats["saturated"] = (
             self.count(e, e.op("And", flat, finite), work, axes)
             if flat is not None
-            else self._zeros_like(e, stats["sum"], work)
+            else self._zeros_like(e, stats["sum"], TensorProto.DOUBLE)
         )
-        return e.graph("exact", [(stats[f], work) for f in FIELD_ORDER])
+        return e.graph("exact", [(stats[f], field_type(f, work)) for f in FIELD_ORDER])
 
     def histogram(
         self, view: str, config: LayerConfig, work: int, axes: tuple[int, ...], finite: str
@@ -441,9 +515,8 @@ class _Tapper:
         """Counts of finite values above each edge, computed only when the histogram input is
         true (else zeros): bins are their differences (``bins_from_above`` on the host).
 
-        Counted per neuron (in int32 on a ``[rows, neurons]`` view, else in float: exact below
-        2**24 rows), then summed in float64 over the neurons: a layer's total can pass 2**24
-        values in one batch. +Inf would count above
+        Counted per neuron exactly (:meth:`count`), then summed in float64 over the neurons:
+        a layer's total can pass 2**24 values in one batch. +Inf would count above
         every edge: when the layer holds non-finite values they are first moved below all
         edges (NaN compares false anyway).
         """
@@ -454,11 +527,7 @@ class _Tapper:
         def counts(body: Body, values: str) -> str:
             parts = []
             for edge in config.histogram_edges:
-                per_neuron = body.op(
-                    "Cast",
-                    self.above(body, values, below(edge), work, axes),
-                    to=TensorProto.DOUBLE,
-                )
+                per_neuron = self.above(body, values, below(edge), work, axes)
                 parts.append(body.op("Reshape", body.reduce("ReduceSum", per_neuron, None), one))
             return body.op("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
 
@@ -569,7 +638,9 @@ def augment(
     for tap_outputs in outputs:
         work = work_types[tap_outputs.layer]
         for field_name, tensor in tap_outputs.names.items():
-            elem = {"rows": TensorProto.INT64, "above": TensorProto.DOUBLE}.get(field_name, work)
+            elem = {"rows": TensorProto.INT64, "above": TensorProto.DOUBLE}.get(
+                field_name, field_type(field_name, work)
+            )
             graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
     # An IR version that carries inputs with default values (initializers as inputs).
     augmented.ir_version = max(augmented.ir_version, 4)

@@ -26,8 +26,8 @@ __all__ = ["OnnxSource"]
 
 log = logging.getLogger(__name__)
 
-# float32 sums of 0/1 values are exact while every partial sum stays below 2**24.
-EXACT_FLOAT32_COUNT = 2**24
+# The graph counts wide taps in int32 (MatMulInteger): exact while a run has fewer rows.
+EXACT_COUNT_ROWS = 2**31
 _MERGE = {"max": np.maximum, "min": np.minimum}
 _COUNTS = frozenset({"fired", "saturated", "nonfinite"})
 
@@ -126,11 +126,11 @@ class OnnxSource:
                 names = list(layer.outputs.names)
                 values = dict(zip(names, results[position : position + len(names)], strict=True))
                 position += len(names)
-                if int(values["rows"]) >= EXACT_FLOAT32_COUNT and not self._warned_counts:
+                if int(values["rows"]) >= EXACT_COUNT_ROWS and not self._warned_counts:
                     self._warned_counts = True
                     log.warning(
-                        "layer %r: %d rows in one run; float32 counts are exact only below "
-                        "2**24 rows per run: use smaller batches",
+                        "layer %r: %d rows in one run; counts are exact only below 2**31 rows "
+                        "per run: use smaller batches",
                         layer.outputs.layer,
                         int(values["rows"]),
                     )

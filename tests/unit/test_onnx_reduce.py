@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -215,3 +216,97 @@ def test_newest_ir_version_is_lowered_for_onnx_runtime() -> None:
     built.ir_version = onnx.IR_VERSION  # what onnx.helper.make_model writes today
     session = run(built, [{"x": planted(5, 6)}])
     assert session.monitor.report("lifetime").layers["act"].rows == 5
+
+
+def _fp16_conv(op: str) -> onnx.ModelProto:
+    weight = np.random.default_rng(1).standard_normal((4, 2, 1, 1)).astype(np.float16)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv"),
+        helper.make_node(op, ["c"], ["y"], name=f"/act/{op}"),
+    ]
+    return model(
+        nodes,
+        [tensor("x", TensorProto.FLOAT16, ["b", 2, 5, 5])],
+        [tensor("y", TensorProto.FLOAT16, ["b", 4, 5, 5])],
+        [init("conv.weight", weight)],
+    )
+
+
+@pytest.mark.parametrize("layout", ["rows", "conv"])
+@pytest.mark.parametrize("op", ["Tanh", "Elu", "LeakyRelu"])
+def test_fp16_ops_run_in_float32_are_measured_after_rounding(op: str, layout: str) -> None:
+    """ORT runs these fp16 ops in float32 between casts it inserts; the statistics must be of
+    the fp16 values the model returns (tanh saturates to exactly 1.0 in fp16), not of the
+    float32 values before rounding."""
+    rng = np.random.default_rng(0)
+    if layout == "rows":
+        built, axis = activation(op, elem=TensorProto.FLOAT16), -1
+        x = (rng.standard_normal((64, 6)) * 4).astype(np.float16)
+    else:
+        built, axis = _fp16_conv(op), 1
+        x = (rng.standard_normal((3, 2, 5, 5)) * 4).astype(np.float16)
+    session = run(built, [])
+    [y] = session.run(None, {"x": x})
+    assert y.dtype == np.float16
+    stats = session.monitor.report("lifetime")
+    assert stats.wiring["act"].feature_axis == axis
+    want = reduce_rows(
+        as_rows(y.astype(np.float64), axis % y.ndim, "act"), stats.layers["act"].config
+    )
+    assert_matches(stats.layers["act"].partials, want)
+    if op == "Tanh":
+        assert stats.layers["act"].partials.max.max() == 1.0  # rounded to fp16
+
+
+@pytest.mark.parametrize("layout", ["rows", "conv"])
+def test_counts_stay_exact_past_2_to_the_24_rows_in_one_run(layout: str) -> None:
+    """float32 stops counting at 2**24 (2**24 + 1 rounds down): one batch with more rows than
+    that (a segmentation model's early feature map) must still count every row."""
+    if layout == "rows":
+        built = activation("Relu", shape=("batch", 1))
+        x = np.ones((2**24 + 3, 1), np.float32)
+    else:
+        nodes = [
+            helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv"),
+            helper.make_node("Relu", ["c"], ["y"], name="/act/Relu"),
+        ]
+        built = model(
+            nodes,
+            [tensor("x", FLOAT, ["b", 1, "h", "w"])],
+            [tensor("y", FLOAT, ["b", 1, "h", "w"])],
+            [init("conv.weight", np.ones((1, 1, 1, 1), np.float32))],
+        )
+        x = np.ones((1, 1, 4097, 4096), np.float32)  # a 4097 x 4096 map: 2**24 + 4096 rows
+    rows = x.size
+    session = run(built, [{"x": x}])
+    got = session.monitor.report("lifetime").layers["act"].partials
+    assert got.rows == rows
+    assert got.fired.tolist() == [rows]
+    assert got.histogram.sum() == rows
+
+
+def test_histogram_edges_beyond_float32_need_no_warning() -> None:
+    """Edges of +-1e300 lie outside float32: they round to -inf/float32's largest value on
+    purpose, silently, and still bin exactly like the float64 reference."""
+    x = planted(40, 6)
+    x[0, 0] = 1e18  # far above every edge but +1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session = run(activation("Relu"), [{"x": x}], histogram_edges=(-1e300, 0.0, 1e300))
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x, 0).astype(np.float64), config)
+    assert_matches(session.monitor.report("lifetime").layers["act"].partials, want)
+
+
+def test_sums_that_overflow_float32_are_taken_in_float64() -> None:
+    """Finite activations whose squares (|a| > 1.8e19) or sums pass float32's range: the
+    partials hold the float64 values, not inf."""
+    x = planted(40, 6)
+    x[0, 0] = 3e38  # its square is 9e76
+    x[:, 3] = 2e38  # 40 of them sum to 8e39
+    session = run(activation("Relu"), [{"x": x}])
+    config = session.monitor.engine.config("act")
+    want = reduce_rows(np.maximum(x, 0).astype(np.float64), config)
+    got = session.monitor.report("lifetime").layers["act"].partials
+    assert np.isfinite(got.sq_sum).all() and np.isfinite(got.sum).all()
+    assert_matches(got, want)
