@@ -13,8 +13,14 @@ API (no model needed). Each command runs as its own process (``sys.executable``,
 start-up is included), alternating with ``cp``: ratios are taken pair by pair and the median
 is printed, against ``cp`` and against ``cp`` followed by ``sync`` of the copy (rescue syncs its
 output before renaming it into place; ``cp`` leaves it in the page cache). Peak RSS is the
-child's own ``ru_maxrss`` (``os.wait4``). Run it on a quiet machine; the page cache is warm
-after the first round (the warm-up round is not counted).
+child's own ``ru_maxrss`` (``os.wait4``). Run it on a quiet machine.
+
+The page cache decides the ratio, so every command starts from a stated one (``--cache``):
+``warm``, the checkpoint read into memory just before (one just saved by a training run);
+``cold``, the checkpoint's pages evicted (``posix_fadvise(DONTNEED)``: read from the disk, while
+Python and its libraries stay cached as they would on a working machine). On a VM whose host
+reclaims page cache (DAMON), a "warm" file left alone goes cold within minutes: without this,
+two runs of the same build measured 1.05x and 4.25x ``cp``.
 """
 
 from __future__ import annotations
@@ -106,15 +112,28 @@ def measure(command: list[str]) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 
+def set_cache(cache: str, source: Path) -> None:
+    """Read ``source`` into the page cache (``warm``) or evict its pages (``cold``)."""
+    with source.open("rb") as handle:
+        if cache == "cold":
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return
+        while handle.read(2**24):
+            pass
+
+
 def paired(
     ours: list[str],
     baselines: dict[str, list[str]],
     runs: int,
     clean: list[Path],
     copies: list[Path],
+    cache: str,
+    source: Path,
 ) -> dict[str, float]:
     """Median of ``ours`` / each baseline over ``runs`` rounds run in turn (after one warm-up
-    round), and medians of ours' time and peak RSS."""
+    round), and medians of ours' time and peak RSS; each command starts with ``source`` in the
+    page cache state ``cache``."""
     times: list[float] = []
     rss: list[int] = []
     ratios: dict[str, list[float]] = {name: [] for name in baselines}
@@ -129,6 +148,7 @@ def paired(
             else:
                 path.unlink(missing_ok=True)
         os.sync()
+        set_cache(cache, source)
 
     for index in range(runs + 1):  # the first round warms the page cache and is not counted
         fresh(clean)
@@ -172,14 +192,15 @@ def bench_checkpoint(args: argparse.Namespace) -> None:
             "cp": ["cp", str(path), str(copy)],
             "cp+sync": ["sh", "-c", f'cp "{path}" "{copy}" && sync "{copy}"'],
         }
-        for op in ("prune", "strip"):
+        caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+        for cache, op in ((c, o) for c in caches for o in ("prune", "strip")):
             out = folder / f"{op}.safetensors"
             manifest = folder / f"{op}.safetensors.manifest.json"
             ours = [*cli, op, str(path), "--report", str(report), "--out", str(out)]
-            result = paired(ours, baselines, args.runs, [out, manifest, copy], [copy])
+            result = paired(ours, baselines, args.runs, [out, manifest, copy], [copy], cache, path)
             mib = 2**20
             print(
-                f"{op:6s} time {result['cp']:.2f}x cp, {result['cp+sync']:.2f}x cp+sync "
+                f"{cache} {op:6s} time {result['cp']:.2f}x cp, {result['cp+sync']:.2f}x cp+sync "
                 f"(medians of {args.runs} paired runs; {result['time']:.2f} s)   "
                 f"peak RSS {result['rss'] / size:.3f}x file size ({result['rss'] / mib:.0f} MiB)"
                 f"   manifest {manifest.stat().st_size / mib:.1f} MiB"
@@ -256,6 +277,9 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="checkpoint size")
     parser.add_argument("--runs", type=int, default=3, help="paired runs per op")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (same disk)")
+    parser.add_argument(
+        "--cache", choices=["warm", "cold", "both"], default="both", help="page cache state"
+    )
     parser.add_argument("--onnx-width", type=int, default=2048)
     parser.add_argument("--onnx-reps", type=int, default=30)
     parser.add_argument("--skip-onnx", action="store_true")

@@ -308,5 +308,6 @@ def test_sums_that_overflow_float32_are_taken_in_float64() -> None:
     config = session.monitor.engine.config("act")
     want = reduce_rows(np.maximum(x, 0).astype(np.float64), config)
     got = session.monitor.report("lifetime").layers["act"].partials
-    assert np.isfinite(got.sq_sum).all() and np.isfinite(got.sum).all()
+    assert np.isfinite(got.sq_sum).all()
+    assert np.isfinite(got.sum).all()
     assert_matches(got, want)

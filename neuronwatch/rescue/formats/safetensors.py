@@ -22,6 +22,8 @@ from typing import IO, Any, TypeGuard
 import numpy as np
 from numpy.typing import NDArray
 
+from neuronwatch.writeback import EarlyWriteback
+
 from ..checkpoint import (
     BackgroundDigest,
     CheckpointError,
@@ -204,7 +206,9 @@ def _new_header(header: Header, editor: TensorEditor) -> tuple[bytes, list[tuple
     return struct.pack("<Q", len(text)) + text, sizes
 
 
-def _copy(src: BufferedReader, dst: IO[bytes], count: int, digest: QueuedDigest) -> None:
+def _copy(
+    src: BufferedReader, dst: IO[bytes], count: int, digest: QueuedDigest, early: EarlyWriteback
+) -> None:
     while count:
         # A new buffer per chunk: the digest thread may still be reading the previous one.
         chunk = src.read(min(count, _CHUNK))
@@ -212,6 +216,7 @@ def _copy(src: BufferedReader, dst: IO[bytes], count: int, digest: QueuedDigest)
             raise CheckpointError(f"{src.name} ended early: it changed while being read")
         dst.write(chunk)
         digest.update(chunk)
+        early.wrote(len(chunk))
         count -= len(chunk)
 
 
@@ -229,12 +234,13 @@ def stream_file(
         with source.open("rb") as src, out.open("wb") as dst:
             dst.write(head)
             digest.update(head)
+            early = EarlyWriteback(dst)
             for entry, (_, size) in zip(header.entries, layout, strict=True):
                 info = entry.info
                 count = entry.end - entry.begin
                 if not editor.touches(info.name):
                     src.seek(header.data_start + entry.begin)
-                    _copy(src, dst, count, digest)
+                    _copy(src, dst, count, digest, early)
                     shapes[info.name] = info.shape
                     continue
                 where = f"{source}: tensor {info.name!r}"
@@ -250,6 +256,7 @@ def stream_file(
                 data = edited.data.cast("B")  # no copy; keeps ``edited`` alive while queued
                 dst.write(data)
                 digest.update(data)
+                early.wrote(len(data))
                 shapes[info.name] = new_shape
             dst.flush()
             os.fsync(dst.fileno())
