@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -97,11 +98,29 @@ def create_session(
     try:
         session = factory(model, _options(ort, _DEFAULT, data_folder, threads), providers=[CPU])
     except Exception as exc:
-        raise ConfigError(
-            f"{where}: ONNX Runtime cannot load the model: {_first_line(exc)}"
-        ) from exc
+        raise ConfigError(f"{where}: {_cannot_load(exc, ort)}") from exc
     log.info("%s: ONNX Runtime runs on %s (%s)", where, CPU, reason)
     return session
+
+
+# ORT's refusal of an opset it does not support: "Opset 29 is under development ... Current
+# official support for domain ai.onnx is till opset 28."
+_NEWER_OPSET = re.compile(
+    r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S
+)
+
+
+def _cannot_load(exc: BaseException, ort: Any) -> str:
+    """Why ONNX Runtime refused a model, in one line, with the fix when it is known."""
+    newer = _NEWER_OPSET.search(str(exc))
+    if newer is not None:
+        opset, domain, supported = newer.groups()
+        return (
+            f"the model's {domain} opset {opset} is newer than onnxruntime "
+            f"{getattr(ort, '__version__', '?')} supports (up to {supported}); export with an "
+            "older opset or upgrade onnxruntime"
+        )
+    return f"ONNX Runtime cannot load the model: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
