@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # The graph counts wide taps in int32 (MatMulInteger): exact while a run has fewer rows.
 EXACT_COUNT_ROWS = 2**31
+# Conv taps count and sum each row of their last axis in float32 first: exact below this length.
+EXACT_ROW_LENGTH = 2**24
 _MERGE = {"max": np.maximum, "min": np.minimum}
 _COUNTS = frozenset({"fired", "saturated", "nonfinite"})
 
@@ -105,6 +107,7 @@ class OnnxSource:
         self._lock = threading.Lock()
         self._closed = False
         self._warned_counts = False
+        self._warned_length = False
         self._on_error = on_error
 
     @property
@@ -133,6 +136,16 @@ class OnnxSource:
                         "per run: use smaller batches",
                         layer.outputs.layer,
                         int(values["rows"]),
+                    )
+                length = int(np.max(values["row_length"])) if "row_length" in values else 0
+                if length >= EXACT_ROW_LENGTH and not self._warned_length:
+                    self._warned_length = True
+                    log.warning(
+                        "layer %r: %d values along the last axis of one map; the graph "
+                        "counts and sums each such row in float32 first, which stops being "
+                        "exact at 2**24 values: split such inputs",
+                        layer.outputs.layer,
+                        length,
                     )
                 try:
                     layer.add(values, with_histogram)

@@ -175,16 +175,16 @@ def float32_below(value: float) -> float:
     comparing float32 activations use it so every comparison equals the float64 one (0.1 is
     not a float32 number). Beyond float32's range the answer is its largest finite value or
     -inf (the overflow to +-inf is intended: no warning)."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):  # +-inf and subnormals are intended
         f = np.float32(value)
-    return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > value else f)
+        return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > value else f)
 
 
 def float32_above(value: float) -> float:
     """The smallest float32 >= value: for a float32 x, ``x < value`` iff ``x < this``."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         f = np.float32(value)
-    return float(np.nextafter(f, np.float32(np.inf)) if float(f) < value else f)
+        return float(np.nextafter(f, np.float32(np.inf)) if float(f) < value else f)
 
 
 def flat_above(bound: float) -> float:

@@ -16,6 +16,7 @@ from onnx_graphs import FLOAT, activation, init, model, tensor
 from neuronwatch.partials import Partials
 from neuronwatch.reduce import as_rows, reduce_rows
 
+INT64 = TensorProto.INT64
 EXACT = ("fired", "saturated", "nonfinite", "max", "min", "histogram")
 SUMS = ("abs_sum", "sum", "sq_sum")
 
@@ -283,6 +284,14 @@ def test_counts_stay_exact_past_2_to_the_24_rows_in_one_run(layout: str) -> None
     assert got.rows == rows
     assert got.fired.tolist() == [rows]
     assert got.histogram.sum() == rows
+    # The sums: a float32 ReduceSum over a whole channel stopped at 2**24 (16777216); now
+    # exact for conv maps (each row in float32, the rows in float64), within float32's
+    # blocked GEMV rounding for a [rows, neurons] view.
+    for total in (got.sum, got.abs_sum, got.sq_sum):
+        if layout == "conv":
+            assert total.tolist() == [rows]
+        else:
+            np.testing.assert_allclose(total, [rows], rtol=1e-6)
 
 
 def test_histogram_edges_beyond_float32_need_no_warning() -> None:
@@ -311,3 +320,55 @@ def test_sums_that_overflow_float32_are_taken_in_float64() -> None:
     assert np.isfinite(got.sq_sum).all()
     assert np.isfinite(got.sum).all()
     assert_matches(got, want)
+
+
+def test_a_map_row_past_2_to_the_24_values_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Conv taps count each row of the last axis in float32 first (as fast as one float
+    ReduceSum, where int32 took twice as long): a row that long is not exact, and says so."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv"),
+        helper.make_node("Relu", ["c"], ["y"], name="/act/Relu"),
+    ]
+    built = model(
+        nodes,
+        [tensor("x", FLOAT, ["b", 1, "l"])],
+        [tensor("y", FLOAT, ["b", 1, "l"])],
+        [init("conv.weight", np.ones((1, 1, 1), np.float32))],
+    )
+    session = run(built, [{"x": np.ones((1, 1, 8), np.float32)}])
+    assert "last axis" not in caplog.text
+    session.run(None, {"x": np.ones((1, 1, 2**24 + 3), np.float32)})
+    assert "16777219 values along the last axis of one map" in caplog.text
+
+
+@pytest.mark.parametrize("op", ["Relu", "Tanh"])
+@pytest.mark.parametrize("axis", [2, 3])
+def test_fp16_conv_maps_with_an_empty_axis(op: str, axis: int) -> None:
+    """A conv map sliced to nothing along a spatial axis ([2, 4, 5, 0]) runs as the plain model
+    does, with no rows (the fp16 rounding reshape keeps the tap's own shape)."""
+    weight = np.random.default_rng(1).standard_normal((4, 2, 1, 1)).astype(np.float16)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="/conv/Conv"),
+        helper.make_node("Slice", ["c", "starts", "ends", "axes"], ["s"], name="/slice"),
+        helper.make_node(op, ["s"], ["y"], name=f"/act/{op}"),
+    ]
+    built = model(
+        nodes,
+        [tensor("x", TensorProto.FLOAT16, ["b", 2, 5, 5]), tensor("ends", INT64, [1])],
+        [tensor("y", TensorProto.FLOAT16, ["b", 4, "h", "w"])],
+        [
+            init("conv.weight", weight),
+            init("starts", np.array([0], np.int64)),
+            init("axes", np.array([axis], np.int64)),
+        ],
+    )
+    x = (np.random.default_rng(0).standard_normal((2, 2, 5, 5)) * 3).astype(np.float16)
+    session = run(built, [])
+    ys = [session.run(None, {"x": x, "ends": np.array([end], np.int64)})[0] for end in (3, 0)]
+    assert ys[1].size == 0
+    stats = session.monitor.report("lifetime")
+    rows = np.concatenate([as_rows(y.astype(np.float64), 1, "act") for y in ys])
+    want = reduce_rows(rows, stats.layers["act"].config)
+    assert_matches(stats.layers["act"].partials, want)
