@@ -197,7 +197,8 @@ class LayerEdits:
             self.skipped.append(
                 Skip(
                     name,
-                    "no finite pre-activation statistics (every audit row was NaN or inf)",
+                    "no finite pre-activation statistics (every audit row was NaN or inf, or "
+                    "its values passed 1.8e19, whose squares overflow float32)",
                     neurons=tuple(neurons[~finite].tolist()),
                 )
             )
