@@ -295,28 +295,23 @@ class _Tapper:
         A wide ``[rows, neurons]`` view is counted as ``ones[1, rows] @ uint8(condition)`` with
         ``MatMulInteger``: exact in int32 and ~2x faster than a float ``Cast`` + GEMV on ORT's
         CPU (1.9 against 4.0 ms for 4096 x 2048 values), since it reads bytes, not floats. A
-        narrow one by a float64 GEMV. Other views (conv maps) sum their last axis in float32
-        (exact: one row of a map is far below 2**24 values) and the rest in float64.
+        narrow one by a float64 GEMV. Other views (conv maps) are summed as 0/1 values by
+        :meth:`total`: each row of the last axis in float32 (exact below 2**24 values a row),
+        the rows in float64.
         """
-        double = TensorProto.DOUBLE
-        if axes != (0,) or self.byte_ones is None or self.any_rows is None:
-            if axes == (0,) and self.double_ones is not None:
-                flat = self.b.const(np.asarray([-1], np.int64))
-                ones_gemv = body.op(
-                    "MatMul", self.double_ones, body.op("Cast", condition, to=double)
-                )
-                return body.op("Reshape", ones_gemv, flat)
-            last = max(axes)
-            rows = body.reduce(
-                "ReduceSum", body.op("Cast", condition, to=work), (last,), keepdims=1
-            )
-            return body.reduce("ReduceSum", body.op("Cast", rows, to=double), axes)
-        as_bytes = body.op("Cast", condition, to=TensorProto.UINT8)
-        # Times 0 or 1: ORT's MatMulInteger over no rows (an empty batch, all pads) returns
-        # whatever its output buffer held, not zeros.
-        counts = body.op("Mul", body.op("MatMulInteger", self.byte_ones, as_bytes), self.any_rows)
         flat = self.b.const(np.asarray([-1], np.int64))
-        return body.op("Cast", body.op("Reshape", counts, flat), to=double)
+        if axes == (0,) and self.byte_ones is not None and self.any_rows is not None:
+            as_bytes = body.op("Cast", condition, to=TensorProto.UINT8)
+            # Times 0 or 1: ORT's MatMulInteger over no rows (an empty batch, all pads) returns
+            # whatever its output buffer held, not zeros.
+            counts = body.op(
+                "Mul", body.op("MatMulInteger", self.byte_ones, as_bytes), self.any_rows
+            )
+            return body.op("Cast", body.op("Reshape", counts, flat), to=TensorProto.DOUBLE)
+        if axes == (0,) and self.double_ones is not None:
+            as_double = body.op("Cast", condition, to=TensorProto.DOUBLE)
+            return body.op("Reshape", body.op("MatMul", self.double_ones, as_double), flat)
+        return self.total(body, body.op("Cast", condition, to=work), axes)
 
     def extreme(self, body: Body, op_type: str, values: str, axes: tuple[int, ...]) -> str:
         """``ReduceMax``/``ReduceMin`` per neuron. A ``[rows, neurons]`` view is reshaped to
@@ -355,7 +350,7 @@ class _Tapper:
 
     def _dim(self, shape: str, index: int) -> str:
         """``[shape[index]]``: a view's rows or neurons, for :meth:`_ones`, :meth:`_any_rows`
-        and :meth:`_chunks` (read once per tap, shared by all three)."""
+        and :meth:`_chunks` (read once per tap, shared by all three), or a map's row length."""
         start, end = (self.b.const(np.asarray([i], np.int64)) for i in (index, index + 1))
         return self.main.op("Slice", shape, start, end)
 
@@ -454,12 +449,7 @@ class _Tapper:
         if axes != (0,):
             # Counts and sums take one row of the last axis in float32 (see count/total): the
             # source warns when a run's rows are too long for that to be exact.
-            names["row_length"] = m.op(
-                "Slice",
-                row_dims,
-                self.b.const(np.asarray([-1], np.int64)),
-                self.b.const(np.asarray([np.iinfo(np.int64).max], np.int64)),
-            )
+            names["row_length"] = self._dim(row_dims, len(axes) - 1)
         names["above"], edges = self.histogram(view, tap.config, work, axes, finite)
         return TapOutputs(tap.layer, names, edges)
 

@@ -51,9 +51,6 @@ class Body:
             )
         return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
 
-    def count(self, condition: str, work: int, axes: Sequence[int] | None = (0,)) -> str:
-        return self.reduce("ReduceSum", self.op("Cast", condition, to=work), axes)
-
     def graph(self, name: str, outputs: Sequence[tuple[str, int]]) -> onnx.GraphProto:
         """This body as an If branch returning ``outputs`` (tensor, elem type)."""
         results = []

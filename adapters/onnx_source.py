@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from neuronwatch.errors import NeuronwatchError, ShapeError
 from neuronwatch.partials import Partials
 
-from .onnx_augment import FIELD_ORDER, TapOutputs
+from .onnx_augment import COUNT_FIELDS, FIELD_ORDER, TapOutputs
 
 __all__ = ["OnnxSource"]
 
@@ -31,7 +31,6 @@ EXACT_COUNT_ROWS = 2**31
 # Conv taps count and sum each row of their last axis in float32 first: exact below this length.
 EXACT_ROW_LENGTH = 2**24
 _MERGE = {"max": np.maximum, "min": np.minimum}
-_COUNTS = frozenset({"fired", "saturated", "nonfinite"})
 
 
 class _Layer:
@@ -74,7 +73,7 @@ class _Layer:
                     f"{where}: a run's {name!r} holds NaN (a sum of finite values that "
                     "overflowed both ways?); the run is left out of the statistics"
                 )
-            if name in _COUNTS and (array < 0).any():
+            if name in COUNT_FIELDS and (array < 0).any():
                 raise ShapeError(f"{where}: a run's {name!r} count is negative")
 
     def drain(self) -> Partials | None:
