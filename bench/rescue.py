@@ -11,8 +11,8 @@ The checkpoint is a chain of Linear layers (``fc{i}.weight`` 2048x2048 float32 a
 ``fc{i}.bias``) with a report that marks 10 % of every hidden layer dead, built with the core
 API (no model needed). Each command runs as its own process (``sys.executable``, so the CLI's
 start-up is included), alternating with ``cp``: ratios are taken pair by pair and the median
-is printed, against ``cp`` and against ``cp`` followed by ``sync`` of the copy (rescue syncs its
-output before renaming it into place; ``cp`` leaves it in the page cache). Peak RSS is the
+is printed: rescue against ``cp``, and ``rescue --fsync`` (which waits for the disk before renaming
+its output into place) against ``cp`` followed by ``sync`` of the copy. Peak RSS is the
 child's own ``ru_maxrss`` (``os.wait4``). Run it on a quiet machine.
 
 The page cache decides the ratio, so every command starts from a stated one (``--cache``):
@@ -187,24 +187,30 @@ def bench_checkpoint(args: argparse.Namespace) -> None:
         )
         cli = [sys.executable, "-c", "from neuronwatch.cli.rescue import rescue; rescue()"]
         copy = folder / "copy"
-        # Rescue syncs its output before renaming it into place; cp does not: both baselines.
+        # Like for like: rescue leaves its output to the kernel's writeback as cp does, and with
+        # --fsync waits for the disk before renaming it into place, as cp followed by sync does.
         baselines = {
-            "cp": ["cp", str(path), str(copy)],
-            "cp+sync": ["sh", "-c", f'cp "{path}" "{copy}" && sync "{copy}"'],
+            "": ["cp", str(path), str(copy)],
+            "--fsync": ["sh", "-c", f'cp "{path}" "{copy}" && sync "{copy}"'],
         }
         caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
         for cache, op in ((c, o) for c in caches for o in ("prune", "strip")):
             out = folder / f"{op}.safetensors"
             manifest = folder / f"{op}.safetensors.manifest.json"
             ours = [*cli, op, str(path), "--report", str(report), "--out", str(out)]
-            result = paired(ours, baselines, args.runs, [out, manifest, copy], [copy], cache, path)
-            mib = 2**20
-            print(
-                f"{cache} {op:6s} time {result['cp']:.2f}x cp, {result['cp+sync']:.2f}x cp+sync "
-                f"(medians of {args.runs} paired runs; {result['time']:.2f} s)   "
-                f"peak RSS {result['rss'] / size:.3f}x file size ({result['rss'] / mib:.0f} MiB)"
-                f"   manifest {manifest.stat().st_size / mib:.1f} MiB"
-            )
+            for flag, baseline in baselines.items():
+                command = [*ours, flag] if flag else ours
+                name = "cp+sync" if flag else "cp"
+                result = paired(
+                    command, {name: baseline}, args.runs, [out, manifest, copy], [copy], cache, path
+                )
+                mib = 2**20
+                print(
+                    f"{cache} {op:6s}{flag:8s} time {result[name]:.2f}x {name:7s} (median of "
+                    f"{args.runs} paired runs; {result['time']:.2f} s)   peak RSS "
+                    f"{result['rss'] / size:.3f}x file size ({result['rss'] / mib:.0f} MiB)   "
+                    f"manifest {manifest.stat().st_size / mib:.1f} MiB"
+                )
 
 
 def bench_onnx(args: argparse.Namespace) -> None:

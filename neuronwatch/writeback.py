@@ -44,11 +44,13 @@ class EarlyWriteback:
     that ``fsync`` reports any error.
     """
 
-    def __init__(self, handle: IO[bytes]) -> None:
+    def __init__(self, handle: IO[bytes], enabled: bool = True) -> None:
         self._handle = handle
         self._started = handle.tell()  # bytes before this are someone else's business
         self._written = self._started
-        self._call = _sync_file_range()
+        # Disabled when nothing will fsync: the kernel then writes back at its own pace,
+        # as it does for ``cp``, and the writer never waits for the disk.
+        self._call = _sync_file_range() if enabled else None
 
     def wrote(self, count: int) -> None:
         self._written += count

@@ -90,6 +90,12 @@ def _terminated_like_interrupted() -> Iterator[None]:
 @click.option("--layers", multiple=True, help="Layer globs (swap: ONNX node/output globs).")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option(
+    "--fsync",
+    is_flag=True,
+    help="Wait until NEW is on the disk before renaming it into place (survives a power cut; "
+    "like rsync --fsync). Default: the kernel writes it back later, as cp does.",
+)
+@click.option(
     "--state",
     default="dead",
     show_default=True,
@@ -134,6 +140,7 @@ def rescue(
     out: str | None,
     layers: tuple[str, ...],
     dry_run: bool,
+    fsync: bool,
     as_json: bool,
     manifest: str | None,
     **options: Any,
@@ -147,12 +154,13 @@ def rescue(
     lift    raise dead neurons' biases so they fire on the top --top % of the audit rows
     swap    ONNX: Relu nodes become LeakyRelu(--alpha) or GELU (opset-aware)
 
-    The input is never modified; NEW and NEW.manifest.json appear whole or not at all.
+    The input is never modified; NEW and NEW.manifest.json appear whole or not at all (a
+    failed or killed run leaves neither; add --fsync to survive a power cut too).
     """
     _check_owners(ctx, op)
     with domain_errors(), _terminated_like_interrupted():
         if op == "swap":
-            result = _swap(checkpoint, out, layers, dry_run, manifest, options)
+            result = _swap(checkpoint, out, layers, dry_run, fsync, manifest, options)
         else:
             if report_dir is None:
                 raise ConfigError(f"{op} needs --report DIR (the audit report to follow)")
@@ -172,6 +180,7 @@ def rescue(
                 out,
                 layers=layers or ("*",),
                 dry_run=dry_run,
+                fsync=fsync,
                 manifest=manifest,
                 state_key=state_key,
                 trust_optimizer_order=trust_order,
@@ -193,6 +202,7 @@ def _swap(
     out: str | None,
     layers: tuple[str, ...],
     dry_run: bool,
+    fsync: bool,
     manifest: str | None,
     options: dict[str, Any],
 ) -> Any:
@@ -212,5 +222,6 @@ def _swap(
         approximate=options["approximate"],
         nodes=layers or ("*",),
         dry_run=dry_run,
+        fsync=fsync,
         manifest=manifest,
     )

@@ -230,6 +230,7 @@ def swap_onnx(
     approximate: str = "none",
     nodes: Iterable[str] = ("*",),
     dry_run: bool = False,
+    fsync: bool = False,
     manifest: str | Path | None = None,
 ) -> Manifest:
     """Write ``model`` with its Relu nodes swapped (see :func:`swap_relu_nodes`) to ``out``
@@ -256,5 +257,13 @@ def swap_onnx(
         return checkpoint.write(target, editor, stage, rewrite=rewrite)
 
     return execute(
-        plan, checkpoint, None, None, out, manifest=manifest, write=write, parameters=settings
+        plan,
+        checkpoint,
+        None,
+        None,
+        out,
+        fsync=fsync,
+        manifest=manifest,
+        write=write,
+        parameters=settings,
     )

@@ -20,11 +20,25 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ConfigError
 from .paths import special_kind
 
-__all__ = ["Stage", "staged"]
+__all__ = ["Stage", "open_staged", "staged"]
+
+
+def open_staged(path: Path) -> BinaryIO:
+    """Open a new output for writing: an empty temporary of :meth:`Stage.file`, or a file
+    to be made inside a temporary folder of :meth:`Stage.directory`. Never truncates.
+
+    ``open(path, "wb")`` truncates, and on ext4 truncating a file to zero marks it for
+    ``auto_da_alloc``: closing it then allocates every block and starts the writeback of the
+    whole file in the closing thread. That cost 0.25 s per GiB here, a third of what ``cp``
+    takes for the same file (``cp`` creates its output, it never truncates an empty one).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    return os.fdopen(fd, "wb")  # on a descriptor, "w" truncates nothing
 
 
 def _remove_ours(path: Path) -> None:
@@ -70,9 +84,18 @@ def _backup_name(target: Path) -> Path:
 
 
 class Stage:
-    """Temporary paths for targets; :meth:`commit` renames them into place in order."""
+    """Temporary paths for targets; :meth:`commit` renames them into place in order.
 
-    def __init__(self) -> None:
+    With ``fsync``, :meth:`commit` first waits until every temporary file is on the disk, so a
+    power cut after the rename finds the whole new file. Without it (the default, as ``cp``,
+    ``torch.save`` and ``rsync`` without ``--fsync``) the kernel writes them back later: a
+    crashed *process* still leaves nothing behind, and the input is never touched either way;
+    only a power cut or a kernel crash in the next half minute could leave an output short,
+    and its manifest checksum then tells.
+    """
+
+    def __init__(self, fsync: bool = False) -> None:
+        self.fsync = fsync  # also read by writers: early writeback only pays when syncing
         self._pending: list[tuple[Path, Path]] = []
         self._made: list[Path] = []  # folders made for the outputs, removed if nothing commits
 
@@ -87,6 +110,7 @@ class Stage:
         self._made.extend(missing)
 
     def file(self, target: Path) -> Path:
+        """A new empty temporary file beside ``target``; write it with :func:`open_staged`."""
         _refuse_folder(target, folder=False)
         self._parent(target)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -101,7 +125,16 @@ class Stage:
         self._pending.append((Path(name), target))
         return Path(name)
 
+    def _sync(self) -> None:
+        for temp, _ in self._pending:
+            for item in [temp] if not temp.is_dir() else sorted(temp.rglob("*")):
+                if item.is_file() and not item.is_symlink():
+                    with item.open("rb") as handle:
+                        os.fsync(handle.fileno())
+
     def commit(self) -> None:
+        if self.fsync:
+            self._sync()  # before any rename: a target is replaced by a whole file or not at all
         done: list[tuple[Path, Path | None, list[bool]]] = []  # target, its old version, renamed
         try:
             for temp, target in self._pending:
@@ -144,9 +177,9 @@ class Stage:
 
 
 @contextmanager
-def staged() -> Iterator[Stage]:
+def staged(fsync: bool = False) -> Iterator[Stage]:
     """A :class:`Stage` whose temporary files are removed unless :meth:`Stage.commit` ran."""
-    stage = Stage()
+    stage = Stage(fsync)
     try:
         yield stage
     finally:

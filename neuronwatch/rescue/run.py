@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +83,7 @@ def rescue(
     *,
     layers: Iterable[str] = ("*",),
     dry_run: bool = False,
+    fsync: bool = False,
     manifest: str | Path | None = None,
     state_key: str | None = None,
     trust_optimizer_order: bool = False,
@@ -94,7 +94,9 @@ def rescue(
 
     ``options`` are those of :class:`~neuronwatch.rescue.plan.Options` (``state``,
     ``fraction``, ``init``, ``match_norm``, ``seed``, ``top``, ``constant_tol``). With
-    ``dry_run`` nothing is written and the manifest says what would change.
+    ``dry_run`` nothing is written and the manifest says what would change. With ``fsync`` the
+    outputs are on the disk before they are renamed into place (see
+    :class:`~neuronwatch.rescue.outputs.Stage`).
     ``trust_optimizer_order`` says a PyTorch file's optimizer lists the parameters in the
     state_dict's order (built from ``model.parameters()``), so their moments are reset by that
     order even where two parameters share a shape; without it such an edit is refused.
@@ -127,7 +129,9 @@ def rescue(
         options=settings,
         where=str(source),
     )
-    return execute(plan, opened, loaded, report_path, out, dry_run=dry_run, manifest=manifest)
+    return execute(
+        plan, opened, loaded, report_path, out, dry_run=dry_run, fsync=fsync, manifest=manifest
+    )
 
 
 def execute(
@@ -138,6 +142,7 @@ def execute(
     out: str | Path | None,
     *,
     dry_run: bool = False,
+    fsync: bool = False,
     manifest: str | Path | None = None,
     write: Any = None,
     parameters: dict[str, Any] | None = None,
@@ -163,13 +168,11 @@ def execute(
     # Checked (again, for rescue()): the plan took time, and paths change meanwhile.
     target, record = _targets(checkpoint, report_path, out, manifest)
     try:
-        with staged() as stage:
+        with staged(fsync) as stage:
             result = (write or _write(checkpoint))(target, plan, stage)
             written = describe(result)
             with stage.file(record).open("w", encoding="utf-8") as handle:
                 written.write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
             stage.commit()
     except OSError as exc:
         # A read-only folder, a full disk: one line naming where, nothing left behind.

@@ -158,3 +158,28 @@ def test_swap_through_the_command(tmp_path: Path) -> None:
     assert out.splitlines()[0] == "swap: changed 1 Relu nodes to LeakyRelu: /1/Relu"
     manifest = json.loads((tmp_path / "g.onnx.manifest.json").read_text())
     assert manifest["parameters"]["alpha"] == 0.3
+
+
+@pytest.mark.parametrize("flag", [(), ("--fsync",)])
+def test_fsync_syncs_the_checkpoint_and_manifest_only_when_asked(
+    files: Path, monkeypatch: pytest.MonkeyPatch, flag: tuple[str, ...]
+) -> None:
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out_path = files / "p.safetensors"
+    code, out = invoke(
+        "prune", files / "m.safetensors", "--report", files / "report", "--out", out_path, *flag
+    )
+    assert code == 0, out
+    # Temporary names: ".<target>.<random>.tmp"
+    names = sorted(Path(path).name[1:].removesuffix(".tmp").rsplit(".", 1)[0] for path in synced)
+    assert names == (["p.safetensors", "p.safetensors.manifest.json"] if flag else [])
+    assert load_file(str(out_path))["fc1.weight"].shape == (14, SIZES[0])

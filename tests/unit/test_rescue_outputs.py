@@ -102,3 +102,29 @@ def test_folders_made_for_the_outputs_stay_when_the_run_succeeds(tmp_path: Path)
         stage.file(tmp_path / "new" / "out.bin").write_text("done")
         stage.commit()
     assert (tmp_path / "new" / "out.bin").read_text() == "done"
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_puts_every_file_on_disk_before_the_first_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def record_fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))  # a temporary: .model.bin.<random>.tmp
+        events.append(f"fsync {'model.bin' if path.name.startswith('.model.bin.') else path.name}")
+        real_fsync(fd)
+
+    def record_replace(src: Any, dst: Any) -> None:
+        events.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    with staged(fsync) as stage:
+        stage.file(tmp_path / "model.bin").write_text("new")
+        (stage.directory(tmp_path / "shards") / "a").write_text("shard")
+        stage.commit()
+    renames = ["rename model.bin", "rename shards"]
+    assert events == (["fsync model.bin", "fsync a", *renames] if fsync else renames)

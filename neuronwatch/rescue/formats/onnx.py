@@ -11,7 +11,6 @@ renamed into place.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ..checkpoint import (
     checksum_file,
 )
 from ..dtypes import decode, nbytes, storage_dtype
-from ..outputs import Stage
+from ..outputs import Stage, open_staged
 
 __all__ = ["ELEMENT_TYPES", "OnnxCheckpoint", "all_tensors"]
 
@@ -275,7 +274,7 @@ class OnnxCheckpoint:
         data_path = stage.file(out.with_name(data_name)) if self.has_external_data else None
         digests_in = {str(self.path): checksum_file(self.path)}
         top_level = len(model.graph.initializer)
-        data_handle = data_path.open("wb") if data_path is not None else None
+        data_handle = open_staged(data_path) if data_path is not None else None
         try:
             offset = 0
             copies = all_tensors(model)
@@ -303,9 +302,6 @@ class OnnxCheckpoint:
                 data_handle.write(payload)
                 _set_external(tensor, data_name, offset, len(payload))
                 offset += len(payload)
-            if data_handle is not None:
-                data_handle.flush()
-                os.fsync(data_handle.fileno())
         finally:
             if data_handle is not None:
                 data_handle.close()
@@ -317,7 +313,8 @@ class OnnxCheckpoint:
             _clear_stale_shapes(model)
             check(onnx, model, self.path)
         target = stage.file(out)
-        target.write_bytes(model.SerializeToString())
+        with open_staged(target) as handle:
+            handle.write(model.SerializeToString())
         outputs = []
         if data_path is not None:
             written = checksum_file(data_path)

@@ -11,7 +11,6 @@ on the way, in the same single pass.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ from ..checkpoint import (
     WriteResult,
 )
 from ..dtypes import decode, nbytes, storage_dtype, stored_bytes
-from ..outputs import Stage
+from ..outputs import Stage, open_staged
 
 __all__ = ["Header", "SafetensorsCheckpoint", "read_header", "stream_file"]
 
@@ -221,20 +220,21 @@ def _copy(
 
 
 def stream_file(
-    header: Header, out: Path, editor: TensorEditor, final: Path
+    header: Header, out: Path, editor: TensorEditor, final: Path, writeback: bool = False
 ) -> tuple[FileDigest, FileDigest, dict[str, tuple[int, ...]]]:
     """Write ``header.path`` edited by ``editor`` to ``out``; returns the input and output
-    digests (the output named ``final``) and the new shape of every tensor written."""
+    digests (the output named ``final``) and the new shape of every tensor written.
+    ``writeback`` starts writing to the disk as it goes, for a caller that will ``fsync``."""
     head, layout = _new_header(header, editor)
     source = header.path
     digest_in = BackgroundDigest(source)
     digest = QueuedDigest()
     shapes: dict[str, tuple[int, ...]] = {}
     try:
-        with source.open("rb") as src, out.open("wb") as dst:
+        with source.open("rb") as src, open_staged(out) as dst:
             dst.write(head)
             digest.update(head)
-            early = EarlyWriteback(dst)
+            early = EarlyWriteback(dst, enabled=writeback)
             for entry, (_, size) in zip(header.entries, layout, strict=True):
                 info = entry.info
                 count = entry.end - entry.begin
@@ -258,8 +258,6 @@ def stream_file(
                 digest.update(data)
                 early.wrote(len(data))
                 shapes[info.name] = new_shape
-            dst.flush()
-            os.fsync(dst.fileno())
             written = dst.tell()
         output = FileDigest(str(final), digest.hexdigest(), written)
     finally:
@@ -286,11 +284,11 @@ class SafetensorsCheckpoint:
         return read_tensor(self.header, name)
 
     def write_to(
-        self, target: Path, editor: TensorEditor, final: Path
+        self, target: Path, editor: TensorEditor, final: Path, writeback: bool = False
     ) -> tuple[FileDigest, FileDigest, dict[str, Any]]:
-        digest_in, digest_out, _ = stream_file(self.header, target, editor, final)
+        digest_in, digest_out, _ = stream_file(self.header, target, editor, final, writeback)
         return digest_in, digest_out, {}
 
     def write(self, out: Path, editor: TensorEditor, stage: Stage) -> WriteResult:
-        digest_in, digest_out, _ = self.write_to(stage.file(out), editor, out)
+        digest_in, digest_out, _ = self.write_to(stage.file(out), editor, out, stage.fsync)
         return WriteResult(outputs=[digest_out], inputs=[digest_in])

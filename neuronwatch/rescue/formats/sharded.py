@@ -9,7 +9,6 @@ new widths, and the folder's small side files (``config.json``, tokenizer files)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ class _Shard(Protocol):
     def read(self, name: str) -> NDArray[np.float64]: ...
 
     def write_to(
-        self, target: Path, editor: TensorEditor, final: Path
+        self, target: Path, editor: TensorEditor, final: Path, writeback: bool = False
     ) -> tuple[FileDigest, FileDigest, dict[str, Any]]: ...
 
 
@@ -124,7 +123,9 @@ class ShardedCheckpoint:
         inputs: list[FileDigest] = [checksum_file(self.index_path)]
         outputs: list[FileDigest] = []
         for shard, checkpoint in self.shards.items():
-            digest_in, digest_out, _ = checkpoint.write_to(folder / shard, editor, out / shard)
+            digest_in, digest_out, _ = checkpoint.write_to(
+                folder / shard, editor, out / shard, stage.fsync
+            )
             inputs.append(digest_in)
             outputs.append(digest_out)
         index = dict(self.index)
@@ -134,10 +135,6 @@ class ShardedCheckpoint:
         written = checksum_file(target)
         outputs.append(written.named(str(out / self.index_path.name)))
         notes = self._copy_side_files(folder)
-        for item in folder.rglob("*"):
-            if item.is_file() and not item.is_symlink():
-                with item.open("rb") as handle:
-                    os.fsync(handle.fileno())
         return WriteResult(outputs=outputs, inputs=inputs, notes=notes)
 
     def _total(self, editor: TensorEditor) -> int:

@@ -12,7 +12,6 @@ revived neuron does not inherit the stale moments that killed it.
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 import re
 import warnings
@@ -33,7 +32,7 @@ from ..checkpoint import (
     checksum_file,
 )
 from ..dtypes import decode
-from ..outputs import Stage
+from ..outputs import Stage, open_staged
 from .optimizer import OptimizerMap, is_optimizer, map_optimizer
 
 __all__ = ["TorchCheckpoint"]
@@ -320,8 +319,9 @@ class TorchCheckpoint:
     # -- writing --------------------------------------------------------------------------------
 
     def write_to(
-        self, target: Path, editor: TensorEditor, final: Path
+        self, target: Path, editor: TensorEditor, final: Path, writeback: bool = False
     ) -> tuple[FileDigest, FileDigest, dict[str, Any]]:
+        del writeback  # torch.save writes the whole file at once; Stage.commit syncs it
         torch = self._torch
         state = copy.copy(self._state)  # keeps the OrderedDict type and its _metadata
         for name in list(state):
@@ -341,9 +341,8 @@ class TorchCheckpoint:
             notes["optimizer"] = edits[0]
         elif edits:
             notes["optimizers"] = edits
-        torch.save(obj, target)
-        with target.open("rb+") as handle:
-            os.fsync(handle.fileno())
+        with open_staged(target) as handle:
+            torch.save(obj, handle)
         written = checksum_file(target)
         return checksum_file(self.path), written.named(str(final)), notes
 
