@@ -17,7 +17,7 @@ import fnmatch
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,6 +33,7 @@ from .stats import FREQUENCY_EDGES, JoinedVerdicts, JudgedLayers, LayerStats, Ve
 
 __all__ = [
     "Histogram",
+    "Histograms",
     "Reading",
     "Series",
     "check_patterns",
@@ -50,10 +51,74 @@ class Histogram(NamedTuple):
     gsum: float
 
 
+class Histograms(Sequence[Histogram]):
+    """The gauge-histogram points of many layers as one table: row ``i`` is layer ``i``'s
+    cumulative buckets (``+Inf`` last), then its count and sum.
+
+    Indexing gives a :class:`Histogram`, built on demand. Renderers read :meth:`flat` and
+    :meth:`column` instead: a 1,000-layer scrape then makes three lists, not 2,000 points and
+    4,000 tuples that outlive it. Those survivors set off the garbage collector's full
+    collections (10-25 ms each) in the middle of scrapes.
+    """
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: NDArray[np.float64]) -> None:
+        if table.ndim != 2 or table.shape[1] < 3:
+            raise ValueError(f"a histogram table is [layers, buckets + 2], got {table.shape}")
+        self._table = table
+
+    def __len__(self) -> int:
+        return int(self._table.shape[0])
+
+    @overload
+    def __getitem__(self, index: int) -> Histogram: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Histograms: ...
+
+    def __getitem__(self, index: int | slice) -> Histogram | Histograms:
+        if isinstance(index, slice):
+            return Histograms(self._table[index])
+        *buckets, gcount, gsum = self._table[index].tolist()
+        return Histogram(tuple(buckets), gcount, gsum)
+
+    @classmethod
+    def of(cls, points: Sequence[Histogram]) -> Histograms:
+        """A table of separate points (e.g. those of several models, joined)."""
+        if isinstance(points, Histograms):
+            return points
+        rows = [(*point.buckets, point.gcount, point.gsum) for point in points]
+        if not rows:
+            raise ValueError("no histogram points")
+        return cls(np.asarray(rows, dtype=np.float64))
+
+    def flat(self, summaries: bool = True) -> list[float]:
+        """Layer by layer: its buckets and (``summaries``) its count and sum, in one list."""
+        table = self._table if summaries else self._table[:, :-2]
+        values: list[float] = table.ravel().tolist()
+        return values
+
+    def column(self, field: str) -> list[float]:
+        """``gcount`` or ``gsum`` of every layer."""
+        values: list[float] = self._table[:, {"gcount": -2, "gsum": -1}[field]].tolist()
+        return values
+
+
+def histograms(
+    buckets: NDArray[np.float64], counts: Sequence[float], sums: Sequence[float]
+) -> Histograms:
+    """:class:`Histograms` from per-layer bucket counts below the finite bounds (``[layers,
+    bounds]``), each layer's count (also its ``+Inf`` bucket) and sum."""
+    counts_column = np.asarray(counts, dtype=np.float64)[:, None]
+    sums_column = np.asarray(sums, dtype=np.float64)[:, None]
+    return Histograms(np.hstack([buckets, counts_column, counts_column, sums_column]))
+
+
 @dataclass(frozen=True)
 class Series:
     """The points of one family: ``labels[i]`` (values in the order of the family's label
-    names) goes with ``values[i]`` (floats, or :class:`Histogram` for gauge-histograms).
+    names) goes with ``values[i]`` (floats, or :class:`Histograms` for gauge-histograms).
     Families of one scope share the same ``labels`` list object."""
 
     labels: Sequence[tuple[str, ...]]
@@ -132,9 +197,9 @@ class _Layers:
 
     def at_most(
         self, values: NDArray[Any], bounds: Sequence[float], keep: NDArray[np.bool_] | None = None
-    ) -> list[tuple[float, ...]]:
+    ) -> NDArray[np.float64]:
         """Per layer, how many (kept) neurons have a value ``<=`` each bound: the cumulative
-        buckets of a histogram with those ``le`` bounds, one tuple per layer."""
+        buckets of a histogram with those ``le`` bounds, ``[layers, bounds]``."""
         columns = np.zeros((len(bounds), self.count))
         for column, bound in zip(columns, bounds, strict=True):
             below = values <= bound
@@ -142,7 +207,8 @@ class _Layers:
                 below &= keep
             if self._nonempty.size:
                 column[self._nonempty] = np.add.reduceat(below, self._starts, dtype=np.float64)
-        return list(zip(*columns.tolist(), strict=True))
+        table: NDArray[np.float64] = columns.T
+        return table
 
 
 _INFO: dict[int, tuple[LayerConfig, tuple[str, ...]]] = {}
@@ -283,11 +349,13 @@ def read(
         labels = previous.series["neuronwatch_neurons"].labels
         series.update({name: previous.series[name] for name in WINDOW_FAMILIES})
     else:
-        labels = [
+        kept = _kept_labels(previous, snapshot.model, selected, judged)
+        labels = kept or [
             (model, label_text(name), config.kind)
             for name, config in zip(selected, judged.configs, strict=True)
         ]
-        series.update(_window_series(judged, labels, per, neurons))
+        info = previous.series["neuronwatch_layer"].labels if kept and previous else None
+        series.update(_window_series(judged, labels, per, neurons, info))
 
     def layer_series(values: Sequence[Any]) -> Series:
         return Series(labels, values)
@@ -303,10 +371,7 @@ def read(
         # A neuron silent for exactly 10 steps is in le="10.0", as le means.
         buckets = per.at_most(silent, SILENT_STEP_BUCKETS)
         series["neuronwatch_steps_since_last_fired"] = layer_series(
-            [
-                Histogram((*b, n), n, s)
-                for b, n, s in zip(buckets, neurons, per.sums(silent), strict=True)
-            ]
+            histograms(buckets, neurons, per.sums(silent))
         )
 
     # A layer whose every update failed has errors but no statistics: still count them.
@@ -325,20 +390,42 @@ def read(
     return Reading(snapshot, resolved, tuple(selected), series, judged)
 
 
+def _kept_labels(
+    previous: Reading | None, model: str, selected: list[str], judged: JoinedVerdicts
+) -> Sequence[tuple[str, ...]] | None:
+    """The previous reading's layer labels when they still hold: the same model, layers and
+    layer configs (a window rollover changes none of them). Reused as they are, a new window
+    makes no new label tuples (1,000 layers: 2,000 tuples that outlive the scrape and wake the
+    garbage collector), and the renderer finds their text by identity."""
+    if (
+        previous is None
+        or previous.snapshot.model != model
+        or previous.layers != tuple(selected)
+        or previous.verdicts is None
+        or len(previous.verdicts.configs) != len(judged.configs)
+        or any(a is not b for a, b in zip(previous.verdicts.configs, judged.configs, strict=True))
+    ):
+        return None
+    return previous.series["neuronwatch_neurons"].labels
+
+
 def _window_series(
     judged: JoinedVerdicts,
     labels: Sequence[tuple[str, ...]],
     per: _Layers,
     neurons: list[float],
+    info: Sequence[tuple[str, ...]] | None = None,
 ) -> dict[str, Series]:
-    """The :data:`WINDOW_FAMILIES` of the judged window."""
+    """The :data:`WINDOW_FAMILIES` of the judged window; ``info``: the labels of
+    ``neuronwatch_layer`` when they are known to be unchanged."""
 
     def layer_series(values: Sequence[Any]) -> Series:
         return Series(labels, values)
 
     series = {
         "neuronwatch_layer": Series(
-            [
+            info
+            or [
                 (*label, *_info_labels(config))
                 for label, config in zip(labels, judged.configs, strict=True)
             ],
@@ -359,11 +446,6 @@ def _window_series(
     buckets = per.at_most(frequency, FREQUENCY_EDGES, keep=known)
     known_counts = per.sums(known)
     series["neuronwatch_firing_frequency_ratio"] = layer_series(
-        [
-            Histogram((*b, n), n, s)
-            for b, n, s in zip(
-                buckets, known_counts, per.sums(np.where(known, frequency, 0.0)), strict=True
-            )
-        ]
+        histograms(buckets, known_counts, per.sums(np.where(known, frequency, 0.0)))
     )
     return series

@@ -15,9 +15,9 @@ from exporter_fixtures import (
     planted_monitor,
 )
 
-from neuronwatch import Engine, Snapshot
+from neuronwatch import Engine, Monitor, Snapshot
 from neuronwatch.metric_families import FAMILIES, SILENT_STEP_BUCKETS
-from neuronwatch.metric_values import Histogram, Reading, read
+from neuronwatch.metric_values import Histogram, Histograms, Reading, read
 from neuronwatch.states import FIRING_STATES, STATES
 from neuronwatch.stats import FREQUENCY_EDGES
 
@@ -177,3 +177,68 @@ def test_an_empty_engine_exports_model_families_only() -> None:
     assert reading.layers == ()
     assert len(reading.series["neuronwatch_neurons"]) == 0
     assert reading.series["neuronwatch_steps"].values == [0.0]
+
+
+def test_histograms_are_a_table_that_indexes_as_points() -> None:
+    points = [Histogram((1.0, 3.0, 4.0), 4.0, 2.5), Histogram((0.0, 2.0, 2.0), 2.0, 7.0)]
+    table = Histograms.of(points)
+    assert list(table) == points
+    assert len(table) == 2
+    assert table[-1] == points[1]
+    assert list(table[1:]) == points[1:]
+    assert table.flat() == [1.0, 3.0, 4.0, 4.0, 2.5, 0.0, 2.0, 2.0, 2.0, 7.0]
+    assert table.flat(summaries=False) == [1.0, 3.0, 4.0, 0.0, 2.0, 2.0]
+    assert table.column("gcount") == [4.0, 2.0]
+    assert table.column("gsum") == [2.5, 7.0]
+    with pytest.raises(IndexError):
+        table[2]
+
+
+def _layers_engine(count: int) -> tuple[Engine, Monitor]:
+    engine = Engine("m", min_rows=1)
+    batch = np.random.default_rng(0).normal(size=(4, 16))
+    for i in range(count):
+        engine.add_layer(f"l{i}", "GELU")
+        engine.observe(f"l{i}", batch)
+    monitor = Monitor(engine)
+    monitor.rollover()
+    return engine, monitor
+
+
+def _new_window(engine: Engine, monitor: Monitor) -> None:
+    batch = np.random.default_rng(1).normal(size=(4, 16))
+    for name in engine.layers:
+        engine.observe(name, batch)
+    monitor.rollover()
+    monitor.flush()
+
+
+def test_a_new_window_keeps_the_labels_and_leaves_few_objects_behind() -> None:
+    """Every object a reading keeps must be collected by the garbage collector one day: per
+    layer objects (a point per histogram, label tuples) made its full collections land in
+    scrapes of large models."""
+    import gc
+
+    engine, monitor = _layers_engine(300)
+    first = read(monitor.latest)  # type: ignore[arg-type]
+    _new_window(engine, monitor)
+    gc.collect()
+    before = {id(o) for o in gc.get_objects()}
+    second = read(monitor.latest, previous=first)  # type: ignore[arg-type]
+    kept = [o for o in gc.get_objects() if id(o) not in before]
+    assert second.verdicts is not first.verdicts  # a new window was judged
+    assert second.series["neuronwatch_neurons"].labels is first.series["neuronwatch_neurons"].labels
+    assert second.series["neuronwatch_layer"].labels is first.series["neuronwatch_layer"].labels
+    assert len(kept) < 150, sorted({type(o).__name__ for o in kept})
+    assert by_layer(second, "neuronwatch_window_rows")["l7"] == 4.0
+
+
+def test_a_layer_added_between_windows_gets_labels() -> None:
+    engine, monitor = _layers_engine(3)
+    first = read(monitor.latest)  # type: ignore[arg-type]
+    engine.add_layer("late", "Tanh")
+    _new_window(engine, monitor)
+    second = read(monitor.latest, previous=first)  # type: ignore[arg-type]
+    labels = second.series["neuronwatch_neurons"].labels
+    assert [label[1] for label in labels] == ["l0", "l1", "l2", "late"]
+    assert len(second.series["neuronwatch_layer"].labels) == 4
