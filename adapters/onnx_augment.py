@@ -450,7 +450,7 @@ class _Tapper:
             # Counts and sums take one row of the last axis in float32 (see count/total): the
             # source warns when a run's rows are too long for that to be exact.
             names["row_length"] = self._dim(row_dims, len(axes) - 1)
-        names["above"], edges = self.histogram(view, tap.config, work, axes, finite)
+        names["above"], edges = self.histogram(view, tap.config, work, axes, finite, names)
         return TapOutputs(tap.layer, names, edges)
 
     def exact(
@@ -491,7 +491,13 @@ class _Tapper:
         return e.graph("exact", [(stats[f], field_type(f, work)) for f in FIELD_ORDER])
 
     def histogram(
-        self, view: str, config: LayerConfig, work: int, axes: tuple[int, ...], finite: str
+        self,
+        view: str,
+        config: LayerConfig,
+        work: int,
+        axes: tuple[int, ...],
+        finite: str,
+        stats: dict[str, str],
     ) -> tuple[str, int]:
         """Counts of finite values above each edge, computed only when the histogram input is
         true (else zeros): bins are their differences (``bins_from_above`` on the host).
@@ -500,28 +506,84 @@ class _Tapper:
         a layer's total can pass 2**24 values in one batch. +Inf would count above
         every edge: when the layer holds non-finite values they are first moved below all
         edges (NaN compares false anyway).
+
+        Each edge is a full pass over the layer (~0.8 ms for 4096 x 2048 floats), so an edge
+        is compared only when the batch can tell: below the layer's least finite value every
+        finite value is above it, at or above the greatest none is (both read off this
+        batch's per-neuron ``min``/``max``), and an edge equal to the fire threshold is the
+        ``fired`` count already taken. A ReLU layer skips its 7 negative edges and the 0;
+        a transformer's GELU (min -0.17) the 4 lowest and usually 10.
         """
         dtype = FLOAT_TYPES[work]
         below = (lambda v: v) if work == TensorProto.DOUBLE else float32_below
+        fire_bound = self.b.value(self.thresholds(config, work)[0])
         one = self.b.const(np.asarray([1], np.int64))
+        on = Body(self.b)
+        lowest = on.reduce("ReduceMin", stats["min"], None)
+        highest = on.reduce("ReduceMax", stats["max"], None)
+        values_shape = on.op("Shape", view)
+        size = on.reduce("ReduceProd", values_shape, None)
+        finite_values = on.op(
+            "Sub",
+            on.op("Cast", size, to=TensorProto.DOUBLE),
+            on.reduce("ReduceSum", stats["nonfinite"], None),
+        )
+        zero = self.b.const(np.asarray(0.0, np.float64))
 
-        def counts(body: Body, values: str) -> str:
+        def layer_total(body: Body, per_neuron: str) -> str:
+            return body.op("Reshape", body.reduce("ReduceSum", per_neuron, None), one)
+
+        # Every edge's decision in a handful of vector ops (the If per edge then costs one
+        # Gather): whether it needs a pass, and its count when it does not.
+        limits = self.b.const(np.asarray([below(e) for e in config.histogram_edges], dtype))
+        under = on.op("Less", limits, lowest)
+        needed = on.op("And", on.op("Not", under), on.op("Less", limits, highest))
+        skipped = on.op("Where", under, finite_values, zero)
+        edges: list[tuple[str, str | None, str]] = []
+        for index, edge in enumerate(config.histogram_edges):
+            bound = np.asarray(below(edge), dtype)
+            if bound == fire_bound:
+                edges.append((self.b.const(bound), None, layer_total(on, stats["fired"])))
+                continue
+            at = self.b.const(np.asarray([index], np.int64))
+            edges.append(
+                (self.b.const(bound), on.op("Gather", needed, at), on.op("Gather", skipped, at))
+            )
+
+        def counts(body: Body, values: str, name: str) -> onnx.GraphProto:
             parts = []
-            for edge in config.histogram_edges:
-                per_neuron = self.above(body, values, below(edge), work, axes)
-                parts.append(body.op("Reshape", body.reduce("ReduceSum", per_neuron, None), one))
-            return body.op("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+            for limit, needed, skipped in edges:
+                if needed is None:
+                    parts.append(skipped)
+                    continue
+                compare = Body(self.b)
+                above = self.count(compare, compare.op("Greater", values, limit), work, axes)
+                count_graph = compare.graph(
+                    "edge", [(layer_total(compare, above), TensorProto.DOUBLE)]
+                )
+                skip = Body(self.b)
+                skip_graph = skip.graph("edge_skipped", [(skipped, TensorProto.DOUBLE)])
+                part = self.b.fresh("edge")
+                body.nodes.append(
+                    helper.make_node(
+                        "If",
+                        [needed],
+                        [part],
+                        name=part,
+                        then_branch=count_graph,
+                        else_branch=skip_graph,
+                    )
+                )
+                parts.append(part)
+            joined = body.op("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+            return body.graph(name, [(joined, TensorProto.DOUBLE)])
 
-        plain = Body(self.b)
-        plain_graph = plain.graph("histogram", [(counts(plain, view), TensorProto.DOUBLE)])
+        plain_graph = counts(Body(self.b), view, "histogram")
         guarded = Body(self.b)
         kept = guarded.op(
             "Where", guarded.op("IsInf", view), self.b.const(np.asarray(-np.inf, dtype)), view
         )
-        guarded_graph = guarded.graph(
-            "histogram_nonfinite", [(counts(guarded, kept), TensorProto.DOUBLE)]
-        )
-        on = Body(self.b)
+        guarded_graph = counts(guarded, kept, "histogram_nonfinite")
         chosen = self.b.fresh("histogram_counts")
         on.nodes.append(
             helper.make_node(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,8 @@ SUMS = ("abs_sum", "sum", "sq_sum")
 
 
 def run(built: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options: Any) -> Any:
-    session = watch_session(
-        built, provider="cpu", histogram_every=1, flush_interval=None, strict=True, **options
-    )
+    options.setdefault("histogram_every", 1)
+    session = watch_session(built, provider="cpu", flush_interval=None, strict=True, **options)
     for feed in feeds:
         session.run(None, feed)
     return session
@@ -372,3 +373,61 @@ def test_fp16_conv_maps_with_an_empty_axis(op: str, axis: int) -> None:
     rows = np.concatenate([as_rows(y.astype(np.float64), 1, "act") for y in ys])
     want = reduce_rows(rows, stats.layers["act"].config)
     assert_matches(stats.layers["act"].partials, want)
+
+
+def _edge_passes(built: onnx.ModelProto, x: np.ndarray, folder: Path) -> tuple[int, Any]:
+    """How many histogram edges a histogram run compared the layer against (ONNX Runtime's
+    own profile: the ``Greater`` nodes run beyond a run without the histogram), and the
+    layer's statistics after a run with the histogram and one without."""
+    real = ort.InferenceSession
+
+    def profiled(model: Any, options: Any, **kwargs: Any) -> Any:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(folder / "profile")
+        return real(model, options, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ort, "InferenceSession", profiled)
+        session = run(built, [{"x": x}] * 2, histogram_every=2)  # the first run only
+    with open(session.session.end_profiling()) as file:
+        events = json.load(file)
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    assert len(runs) == 2
+
+    def greater(run: dict[str, Any]) -> int:
+        return sum(
+            1
+            for e in events
+            if e.get("cat") == "Node"
+            and e["name"].endswith("_kernel_time")
+            and e["args"].get("op_name") == "Greater"
+            and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]
+        )
+
+    return greater(runs[0]) - greater(runs[1]), session.monitor.report("lifetime").layers["act"]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "passes"),
+    [
+        (-5.0, 5.0, 6),  # ReLU: [0, 5]: 1e-3 .. 3; the 0 is the fired count, 10 is above all
+        (0.2, 0.25, 0),  # between two edges: no pass at all
+        (1.0, 3.0, 1),  # min on the edge 1 (compared: it is not above it), max on 3
+        (0.3, 1.0, 0),  # float32's 0.3 lies above the edge 0.3: every value is above it
+        (-20.0, 20.0, 7),  # 1e-3 .. 10
+    ],
+)
+def test_histogram_compares_only_edges_inside_the_batch_range(
+    low: float, high: float, passes: int, tmp_path: Path
+) -> None:
+    """An edge below the batch's least value counts every finite value, one at or above the
+    greatest counts none, and the edge at the fire threshold is the fired count: none of them
+    costs a pass over the layer, and the bins still equal the reference exactly."""
+    x = np.random.default_rng(1).uniform(low, high, (300, 70)).astype(np.float32)
+    x[0, 0], x[1, 1] = low, high  # the extremes exactly, on an edge where the case says so
+    x[2, 2] = np.nan  # a non-finite value: "every finite value" must leave it out
+    compared, got = _edge_passes(activation("Relu", shape=("batch", 70)), x, tmp_path)
+    relu = np.where(np.isnan(x), np.nan, np.maximum(x, 0)).astype(np.float64)
+    want = reduce_rows(relu, got.config).histogram  # the second run's only
+    np.testing.assert_array_equal(got.partials.histogram, want)
+    assert compared == passes
