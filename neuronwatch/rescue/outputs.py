@@ -3,7 +3,9 @@
 A rescue run writes one to three outputs (a checkpoint file or directory, an ONNX model and its
 external data, the manifest). Each is written under a temporary name next to its target; once
 all of them are complete they are renamed into place, the manifest last, and a failure halfway
-puts back whatever was there before. On any error every temporary file is removed.
+puts back whatever was there before. On any error every temporary file is removed. The renames
+hold a lock on their folders, so two runs writing the same outputs at once never leave one run's
+checkpoint beside the other's manifest.
 
 Only our own temporary files and folders are ever deleted recursively. A user's path is replaced
 only when it is a file (or a symlink) or an empty folder; a folder with anything in it is refused
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +41,44 @@ def open_staged(path: Path) -> BinaryIO:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
     return os.fdopen(fd, "wb")  # on a descriptor, "w" truncates nothing
+
+
+@contextmanager
+def _locked(folders: Iterable[Path]) -> Iterator[None]:
+    """An exclusive ``flock`` on each folder (in one order, so two runs cannot deadlock),
+    where the platform has it; a folder that cannot be opened is not locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; renames are still atomic one by one
+        yield
+        return
+    held: list[int] = []
+    try:
+        for folder in sorted(set(folders)):
+            try:
+                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError:
+                continue
+            held.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in reversed(held):
+            os.close(fd)  # closing releases the lock
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder's entries (where the platform can open a folder: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the files themselves are synced
+    finally:
+        os.close(fd)
 
 
 def _remove_ours(path: Path) -> None:
@@ -135,6 +175,14 @@ class Stage:
     def commit(self) -> None:
         if self.fsync:
             self._sync()  # before any rename: a target is replaced by a whole file or not at all
+        # Two runs writing the same outputs at once: each one's renames happen together, so
+        # a checkpoint never ends up beside the other run's manifest.
+        with _locked(dict.fromkeys(target.parent for _, target in self._pending)):
+            self._rename_all()
+        self._pending.clear()
+        self._made.clear()  # they hold the outputs now
+
+    def _rename_all(self) -> None:
         done: list[tuple[Path, Path | None, list[bool]]] = []  # target, its old version, renamed
         try:
             for temp, target in self._pending:
@@ -162,8 +210,11 @@ class Stage:
         for _, backup, _ in done:
             if backup is not None:
                 _drop_backup(backup)
-        self._pending.clear()
-        self._made.clear()  # they hold the outputs now
+        if self.fsync:
+            # The renames themselves live in the folders: without this, a power cut could
+            # still find the old names.
+            for folder in dict.fromkeys(target.parent for _, target in self._pending):
+                _sync_folder(folder)
 
     def discard(self) -> None:
         for temp, _ in self._pending:

@@ -179,7 +179,9 @@ def test_fsync_syncs_the_checkpoint_and_manifest_only_when_asked(
         "prune", files / "m.safetensors", "--report", files / "report", "--out", out_path, *flag
     )
     assert code == 0, out
-    # Temporary names: ".<target>.<random>.tmp"
-    names = sorted(Path(path).name[1:].removesuffix(".tmp").rsplit(".", 1)[0] for path in synced)
+    # Temporary names: ".<target>.<random>.tmp", then the folder that holds the new names.
+    files_synced = [Path(path) for path in synced if Path(path) != files]
+    names = sorted(path.name[1:].removesuffix(".tmp").rsplit(".", 1)[0] for path in files_synced)
     assert names == (["p.safetensors", "p.safetensors.manifest.json"] if flag else [])
+    assert synced[len(files_synced) :] == ([str(files)] if flag else [])
     assert load_file(str(out_path))["fc1.weight"].shape == (14, SIZES[0])

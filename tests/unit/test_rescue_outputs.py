@@ -127,4 +127,30 @@ def test_fsync_puts_every_file_on_disk_before_the_first_rename(
         (stage.directory(tmp_path / "shards") / "a").write_text("shard")
         stage.commit()
     renames = ["rename model.bin", "rename shards"]
-    assert events == (["fsync model.bin", "fsync a", *renames] if fsync else renames)
+    # ... and, after the renames, the folder that holds the new names (once).
+    synced = ["fsync model.bin", "fsync a", *renames, f"fsync {tmp_path.name}"]
+    assert events == (synced if fsync else renames)
+
+
+def test_a_commit_waits_for_another_run_committing_into_the_same_folder(tmp_path: Path) -> None:
+    """Two runs writing the same checkpoint and manifest at once: each run's renames happen
+    together (a lock on the folder), so a checkpoint never sits beside the other's manifest."""
+    import fcntl
+    import threading
+    import time
+
+    with staged() as stage:
+        stage.file(tmp_path / "model.bin").write_text("ours")
+        stage.file(tmp_path / "model.bin.manifest.json").write_text("{}")
+        other_run = os.open(tmp_path, os.O_RDONLY)
+        fcntl.flock(other_run, fcntl.LOCK_EX)  # another run is between its two renames
+        try:
+            committing = threading.Thread(target=stage.commit)
+            committing.start()
+            time.sleep(0.3)
+            assert not (tmp_path / "model.bin").exists()
+        finally:
+            os.close(other_run)
+        committing.join(10)
+    assert (tmp_path / "model.bin").read_text() == "ours"
+    assert (tmp_path / "model.bin.manifest.json").read_text() == "{}"
