@@ -60,7 +60,10 @@ def _locked(folders: Iterable[Path]) -> Iterator[None]:
             except OSError:
                 continue
             held.append(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (ENOLCK on some NFS mounts)
+                continue
         yield
     finally:
         for fd in reversed(held):
