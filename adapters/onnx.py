@@ -123,12 +123,14 @@ def audit(
     histogram_every: int = DEFAULT_HISTOGRAM_EVERY,
     layers: Sequence[str] | None = None,
     threads: int | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
     session: WatchedSession | None = None,
     **defaults: Any,
 ) -> Report:
     """Run every batch (a mapping of input name to array) through ``model`` and judge every
-    layer over all of them; ``on_batch(samples)`` is called after each batch (progress).
+    layer over all of them; ``on_batch(samples, rows)`` is called after each batch
+    (progress): its samples (axis 0 of the inputs) and the most rows one layer saw in it
+    (token positions or pixels; pads left out).
 
     Pass an open ``session`` (from :func:`watch_session`) to reuse its ONNX Runtime session
     (``model`` and the other settings are then the session's): the report holds this audit's
@@ -166,7 +168,8 @@ def audit(
             batches_run += 1
             if on_batch is not None:
                 arrays = list(batch.values())
-                on_batch(int(np.shape(arrays[0])[0]) if arrays and np.ndim(arrays[0]) else 1)
+                samples = int(np.shape(arrays[0])[0]) if arrays and np.ndim(arrays[0]) else 1
+                on_batch(samples, watched.source.last_rows)
     meta = {
         "source": "onnx",
         "onnx": {

@@ -108,6 +108,9 @@ class OnnxSource:
         self._warned_counts = False
         self._warned_length = False
         self._on_error = on_error
+        # The most rows one layer saw in the last run (pad positions left out): what a
+        # progress bar reports as rows/s.
+        self.last_rows = 0
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -123,11 +126,13 @@ class OnnxSource:
         """
         position = 0
         refused: dict[str, Exception] = {}
+        most = 0
         with self._lock:
             for layer in self._layers.values():
                 names = list(layer.outputs.names)
                 values = dict(zip(names, results[position : position + len(names)], strict=True))
                 position += len(names)
+                most = max(most, int(values["rows"]))
                 if int(values["rows"]) >= EXACT_COUNT_ROWS and not self._warned_counts:
                     self._warned_counts = True
                     log.warning(
@@ -150,6 +155,7 @@ class OnnxSource:
                     layer.add(values, with_histogram)
                 except ShapeError as exc:
                     refused[layer.outputs.layer] = exc
+            self.last_rows = most
         return refused
 
     def drain(self) -> Iterator[tuple[str, Partials]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,8 +308,9 @@ def audit(
 
 @contextmanager
 def _progress(screen: Any, total: int | None, quiet: bool) -> Iterator[Any]:
-    """A progress bar counting samples (axis 0 of the data; a sample holds many rows when
-    it has tokens or pixels) with their rate."""
+    """A progress bar counting samples (axis 0 of the data), with the rate of samples and of
+    rows (a sample holds many rows when it has tokens or pixels: the rows of the layer that
+    sees the most, pads left out)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -323,15 +325,23 @@ def _progress(screen: Any, total: int | None, quiet: bool) -> Iterator[Any]:
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} samples/s"),
+        TextColumn("{task.fields[rate]} samples/s, {task.fields[rows]} rows/s"),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=screen, disable=quiet, transient=False) as progress:
-        task = progress.add_task("audit", total=total, rate="-")
+        task = progress.add_task("audit", total=total, rate="-", rows="-")
+        started = time.monotonic()
+        seen = [0]
 
-        def advance(samples: int) -> None:
+        def advance(samples: int, rows: int) -> None:
             progress.advance(task, samples)
+            seen[0] += rows
             speed = progress.tasks[task].speed
-            progress.update(task, rate=f"{speed:,.0f}" if speed else "-")
+            elapsed = time.monotonic() - started
+            progress.update(
+                task,
+                rate=f"{speed:,.0f}" if speed else "-",
+                rows=f"{seen[0] / elapsed:,.0f}" if elapsed > 0 else "-",
+            )
 
         yield advance

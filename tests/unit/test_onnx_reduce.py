@@ -431,3 +431,20 @@ def test_histogram_compares_only_edges_inside_the_batch_range(
     want = reduce_rows(relu, got.config).histogram  # the second run's only
     np.testing.assert_array_equal(got.partials.histogram, want)
     assert compared == passes
+
+
+def test_audit_tells_its_progress_each_batchs_samples_and_real_rows() -> None:
+    """``on_batch(samples, rows)``: the rows are the real token positions of the batch (pads
+    left out), what the CLI's progress bar shows as rows/s."""
+    from neuronwatch.adapters.onnx import audit
+
+    masks = [
+        np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int64),
+        np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], np.int64),
+    ]
+    batches = [
+        {"x": np.ones((*mask.shape, 4), np.float32), "attention_mask": mask} for mask in masks
+    ]
+    told: list[tuple[int, int]] = []
+    audit(_masked_model(), batches, provider="cpu", on_batch=lambda s, r: told.append((s, r)))
+    assert told == [(3, 9), (2, 6)]
