@@ -54,7 +54,9 @@ def _locked(folders: Iterable[Path]) -> Iterator[None]:
         return
     held: list[int] = []
     try:
-        for folder in sorted(set(folders)):
+        # Real paths: two runs naming one folder through different symlinks lock it once,
+        # in the same order.
+        for folder in sorted({folder.resolve() for folder in folders}):
             try:
                 fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             except OSError:
