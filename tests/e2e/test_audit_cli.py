@@ -44,7 +44,8 @@ def test_audit_writes_report_plots_and_page(mlp_file: Path, data: Path, tmp_path
     assert result.exit_code == 0, result.output
     assert "on CPUExecutionProvider" in result.output
     assert "300/300" in result.output
-    assert "samples/s" in result.output and "rows/s" in result.output
+    assert "samples/s" in result.output
+    assert "rows/s" in result.output
     assert {"report.json", "report.npz", "index.html"} <= {p.name for p in out.iterdir()}
     assert len(list(out.glob("*.png"))) >= 3
     report = Report.load(out)
@@ -363,7 +364,8 @@ def test_a_fixed_batch_model_runs_whole_batches_and_counts_them(tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "batches of 4 (the model's fixed batch size)" in result.output
     assert "8/8" in result.output
-    assert "samples/s" in result.output and "rows/s" in result.output
+    assert "samples/s" in result.output
+    assert "rows/s" in result.output
     assert "left out the last 2 samples" in result.output
     assert Report.load(out).layers["act"].rows == 8
     wrong = invoke(model, "--data", tmp_path / "d.npz", "--out", out, "--batch", "5")
