@@ -58,9 +58,11 @@ def _check_owners(ctx: click.Context, op: str) -> None:
 
 @contextmanager
 def _terminated_like_interrupted() -> Iterator[None]:
-    """While a rescue runs, SIGTERM (kill, a job scheduler's timeout) unwinds the way Ctrl-C
-    does, through the cleanup that deletes the half-written temporary files; by default it
-    would end the process at once and leave them. The previous handler comes back after."""
+    """While a rescue runs, SIGTERM (kill, a job scheduler's timeout) and SIGHUP (a closed
+    terminal or ssh session) unwind the way Ctrl-C does, through the cleanup that deletes the
+    half-written temporary files; by default they would end the process at once and leave
+    them. The previous handlers come back after. (SIGKILL cannot be caught: it leaves
+    ``.NAME.*.tmp`` files beside the output.)"""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
@@ -68,11 +70,13 @@ def _terminated_like_interrupted() -> Iterator[None]:
     def terminate(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    caught = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {number: signal.signal(number, terminate) for number in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @click.command()

@@ -267,9 +267,11 @@ def test_a_pickle_that_runs_code_is_refused_in_one_line(tmp_path: Path) -> None:
 # -- 12: SIGTERM during a run leaves no temporary file ------------------------------------------
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
 def test_sigterm_mid_write_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
 ) -> None:
+    """SIGTERM (kill, a scheduler's timeout) and SIGHUP (a closed terminal)."""
     model = build("mlp")
     x = data("mlp")
     plant_dead_by_bias(model, "mlp")
@@ -280,7 +282,7 @@ def test_sigterm_mid_write_leaves_nothing_behind(
     real = steps.Strip.apply
 
     def apply_then_terminate(self: object, *args: object, **kwargs: object) -> object:
-        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler's timeout would
+        os.kill(os.getpid(), signum)
         return real(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(steps.Strip, "apply", apply_then_terminate)
@@ -290,10 +292,10 @@ def test_sigterm_mid_write_leaves_nothing_behind(
     # than killing pytest; rescue must put it back afterwards.
     received: list[int] = []
 
-    def ours(signum: int, frame: object) -> None:
-        received.append(signum)
+    def ours(number: int, frame: object) -> None:
+        received.append(number)
 
-    previous = signal.signal(signal.SIGTERM, ours)
+    previous = signal.signal(signum, ours)
     try:
         result = CliRunner().invoke(
             rescue_command,
@@ -306,11 +308,49 @@ def test_sigterm_mid_write_leaves_nothing_behind(
                 str(out / "o.pt"),
             ],
         )
-        assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signum) is ours
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
     assert received == []
-    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.exit_code == 128 + signum
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_under_torch_save_is_one_line_naming_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save's zip writer hides the OSError of a full disk behind its own RuntimeError
+    ("unexpected pos ...") when it closes: the user still gets the one-line error."""
+    model = build("mlp")
+    plant_dead_by_bias(model, "mlp")
+    audit(model, data("mlp")).save(tmp_path / "r")
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    real = torch.save
+
+    def full_disk(obj: object, handle: object) -> None:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(
+        rescue_command,
+        [
+            "strip",
+            str(tmp_path / "m.pt"),
+            "--report",
+            str(tmp_path / "r"),
+            "--out",
+            str(out / "o.pt"),
+        ],
+    )
+    monkeypatch.setattr(torch, "save", real)
+    assert result.exit_code == 1, result.output
+    assert "o.pt was not written: No space left on device" in result.output
+    assert "Traceback" not in result.output
     assert list(out.iterdir()) == []
 
 

@@ -139,3 +139,36 @@ def test_the_output_folder_may_not_sit_inside_the_input(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="would overwrite the input"):
         prune(folder, tmp_path / "report", folder / "pruned")
     assert sorted(p.name for p in folder.iterdir()) == sorted([*SHARDS, INDEX, "config.json"])
+
+
+@pytest.mark.parametrize("side", ["file", "folder"])
+def test_a_full_disk_while_copying_side_files_names_the_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """The copy's error names where it failed to write, never the input (config.json), and a
+    tokenizer folder's failures are one line, not shutil's list of every file."""
+    import errno
+    import shutil
+
+    folder = sharded(tmp_path / "model", weights())
+    if side == "folder":
+        (folder / "config.json").unlink()
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    report({"act1": [2]}).save(tmp_path / "report")
+
+    def full(source: str, destination: str, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", source)
+
+    def full_tree(source: str, destination: str, *args: object, **kwargs: object) -> None:
+        raise shutil.Error([(f"{source}/vocab.txt", str(destination), "[Errno 28] No space left")])
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    monkeypatch.setattr(shutil, "copytree", full_tree)
+    with pytest.raises(CheckpointError) as caught:
+        prune(folder, tmp_path / "report", tmp_path / "out" / "pruned")
+    message = str(caught.value)
+    assert f"({tmp_path / 'out'})" in message
+    assert str(folder) not in message
+    assert "[(" not in message
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

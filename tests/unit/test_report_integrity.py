@@ -212,3 +212,21 @@ def test_round_trip_equality_is_exact(tmp_path: Path) -> None:
     assert Report.load(tmp_path) == report
     assert Report.load(tmp_path) != make_report(seed=8)
     assert Report.load(tmp_path) != make_report(meta={"run": 8})
+
+
+def test_a_folder_without_locks_still_saves_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some NFS mounts refuse flock (ENOLCK): the report is still written and read; its
+    checksum still pairs the two files."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    report = make_report()
+    report.save(tmp_path / "r")
+    loaded = Report.load(tmp_path / "r")
+    assert loaded.layers.keys() == report.layers.keys()

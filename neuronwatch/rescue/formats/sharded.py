@@ -8,6 +8,7 @@ new widths, and the folder's small side files (``config.json``, tokenizer files)
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from collections.abc import Mapping
@@ -166,18 +167,32 @@ class ShardedCheckpoint:
                 if any(_is_weights(p) for p in side.rglob("*")):
                     skipped.append(f"{side.name}/")
                     continue
-                shutil.copytree(side, folder / side.name)
+                _copying(shutil.copytree, side, folder / side.name)
                 copied.append(f"{side.name}/")
             elif side.is_file():
                 if _is_weights(side):
                     skipped.append(side.name)
                     continue
-                shutil.copy2(side, folder / side.name)
+                _copying(shutil.copy2, side, folder / side.name)
                 copied.append(side.name)
         notes = {"copied": copied}
         if skipped:
             notes["not_copied"] = skipped
         return notes
+
+
+def _copying(copy: Any, source: Path, destination: Path) -> None:
+    """``copy(source, destination)``, its failure told as the destination's (a full disk is
+    where the output goes, not the input; ``copytree`` lists every file that failed)."""
+    try:
+        copy(source, destination)
+    except shutil.Error as exc:
+        failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+        why = failures[0][2] if failures and len(failures[0]) == 3 else str(exc)
+        message = f"copying {source.name} failed: {why}"
+        raise OSError(errno.EIO, message, str(destination.parent)) from exc
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(destination.parent)) from exc
 
 
 def _is_weights(path: Path) -> bool:

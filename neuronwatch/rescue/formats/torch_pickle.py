@@ -341,8 +341,17 @@ class TorchCheckpoint:
             notes["optimizer"] = edits[0]
         elif edits:
             notes["optimizers"] = edits
-        with open_staged(target) as handle:
-            torch.save(obj, handle)
+        try:
+            with open_staged(target) as handle:
+                torch.save(obj, handle)
+        except RuntimeError as exc:
+            # A full disk or the file-size limit: the OSError comes first, then torch's zip
+            # writer fails to close ("unexpected pos ...") and hides it. The OSError is what
+            # to report (one line, naming where).
+            cause = _os_error_behind(exc)
+            if cause is None:
+                raise
+            raise cause from exc
         written = checksum_file(target)
         return checksum_file(self.path), written.named(str(final)), notes
 
@@ -358,3 +367,15 @@ class TorchCheckpoint:
             )
         digest_in, digest_out, notes = self.write_to(stage.file(out), editor, out)
         return WriteResult(outputs=[digest_out], inputs=[digest_in], notes=notes)
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError an exception was raised while handling (its context chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
